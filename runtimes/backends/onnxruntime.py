@@ -1,0 +1,96 @@
+"""The `onnxruntime` backend: the decoder graph with IOBinding over one preallocated KV buffer.
+
+Past and present KV are bound to the same OrtValues (GroupQueryAttention writes in place), so a
+token costs no cache reallocation or copy. Any execution provider can be named.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from .base import Backend, register_backend
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+    "coreml": "CoreMLExecutionProvider", "qnn": "QNNExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
+    "nnapi": "NnapiExecutionProvider", "dml": "DmlExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+}
+KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def provider_name(provider: str | None) -> str:
+    if provider is None:
+        return "CPUExecutionProvider"
+    return PROVIDERS.get(provider.lower(), provider)
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+@register_backend
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    targets = ("onnx",)
+    supports_providers = True
+
+    @classmethod
+    def available(cls):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False, "onnxruntime is not installed (pip install onnxruntime)"
+        return True, ""
+
+    def __init__(self, artifact, provider=None, threads=None, session_config: dict | None = None):
+        super().__init__(artifact, provider, threads)
+        import onnxruntime as ort
+        graph = artifact.manifest["graph"]
+        ep = provider_name(provider)
+        if ep not in ort.get_available_providers():
+            raise BackendUnavailableError(f"execution provider '{ep}' is not in this onnxruntime build "
+                                          f"(available: {', '.join(ort.get_available_providers())})")
+        options = session_options(threads)
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
+        self.session = ort.InferenceSession(str(artifact.file(graph["file"])), options, providers=[ep])
+        self.spec = artifact.spec
+        self.kv_dtype = KV_DTYPES[graph.get("kv_dtype", "float32")]
+        self.layers = self.spec.num_layers
+        shape = (1, self.spec.num_kv_heads, self.max_context, self.spec.head_dim)
+        device = "cuda" if ep == "CUDAExecutionProvider" else "cpu"
+        self.kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, device),
+                    ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, device))
+                   for _ in range(self.layers)]
+        self.binding = self.session.io_binding()
+        for i, (k, v) in enumerate(self.kv):
+            self.binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
+            self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+            self.binding.bind_ortvalue_output(f"present.{i}.key", k)
+            self.binding.bind_ortvalue_output(f"present.{i}.value", v)
+        self.binding.bind_output("logits", "cpu")
+        self.position = 0
+        self.mask = np.ones((1, self.max_context), np.int64)
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        total = self.position + ids.shape[1]
+        self.binding.bind_cpu_input("input_ids", ids)
+        self.binding.bind_cpu_input("attention_mask", self.mask[:, :total])
+        self.session.run_with_iobinding(self.binding)
+        self.position = total
+        logits = self.binding.get_outputs()[0].numpy()
+        return logits[0, -1].astype(np.float32, copy=False)
+
+    def prefill(self, ids) -> np.ndarray:
+        self.position = 0
+        return self._run(np.asarray(ids, dtype=np.int64).reshape(1, -1))
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run(np.array([[token]], dtype=np.int64))

@@ -1,0 +1,7 @@
+"""Architectures and the ModelSpec they produce. Importing this package registers them all."""
+from . import llama, qwen2, qwen3  # noqa: F401  (registration side effect)
+from .base import (GLOBAL_TENSORS, LAYER_TENSORS, Architecture, ModelSpec, get_architecture, register,
+                   spec_from_config, supported_architectures)
+
+__all__ = ["Architecture", "ModelSpec", "GLOBAL_TENSORS", "LAYER_TENSORS", "get_architecture", "register",
+           "spec_from_config", "supported_architectures"]

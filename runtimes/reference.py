@@ -1,0 +1,183 @@
+"""The float32 numpy decoder: the ground truth every export is verified against.
+
+It runs any checkpoint's or artifact's weights anywhere, without torch. Weights come from a
+``weights(name) -> np.ndarray`` callable, so the caller decides whether they are memory-mapped,
+dequantized on the fly or held. ``layer_forward`` is public so calibration can run the model one
+layer at a time over many prompts and observe each linear layer's input.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from . import rope
+from .errors import ContextOverflowError
+from .models import ModelSpec
+
+WeightsFn = Callable[[str], np.ndarray]
+# observer(layer, point, x): point is where a linear layer's input is seen:
+#   "qkv" (input of q/k/v), "o" (input of o_proj), "gate_up" (input of gate/up), "down" (input of down).
+Observer = Callable[[int, str, np.ndarray], None]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    variance = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x / np.sqrt(variance + eps)) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class LayerWeights(dict):
+    """One decoder layer's float32 tensors keyed by the short names of LAYER_TENSORS."""
+
+    @classmethod
+    def load(cls, spec: ModelSpec, layer: int, weights: WeightsFn) -> "LayerWeights":
+        keys = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj"]
+        if spec.attention_bias:
+            keys += ["q_bias", "k_bias", "v_bias"]
+        if spec.qk_norm:
+            keys += ["q_norm", "k_norm"]
+        return cls({k: np.ascontiguousarray(weights(spec.tensor_name(k, layer)), dtype=np.float32) for k in keys})
+
+
+class KVCache:
+    """K and V for every layer, allocated once: [layers][kv_heads, max_context, head_dim]."""
+
+    def __init__(self, spec: ModelSpec, max_context: int):
+        shape = (spec.num_kv_heads, max_context, spec.head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(spec.num_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(spec.num_layers)]
+        self.max_context = max_context
+        self.length = 0
+
+
+def attention(spec: ModelSpec, lw: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+              k_cache: np.ndarray | None, v_cache: np.ndarray | None, start: int,
+              observer: Observer | None = None, layer: int = 0) -> np.ndarray:
+    """Self-attention over x [T, hidden] at positions start..start+T-1; fills the cache if given."""
+    t, hd = x.shape[0], spec.head_dim
+    q = x @ lw["q_proj"].T
+    k = x @ lw["k_proj"].T
+    v = x @ lw["v_proj"].T
+    if spec.attention_bias:
+        q, k, v = q + lw["q_bias"], k + lw["k_bias"], v + lw["v_bias"]
+    q = q.reshape(t, spec.num_heads, hd).transpose(1, 0, 2)
+    k = k.reshape(t, spec.num_kv_heads, hd).transpose(1, 0, 2)
+    v = v.reshape(t, spec.num_kv_heads, hd).transpose(1, 0, 2)
+    if spec.qk_norm:
+        q = rms_norm(q, lw["q_norm"], spec.rms_norm_eps)
+        k = rms_norm(k, lw["k_norm"], spec.rms_norm_eps)
+    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+    if k_cache is not None:
+        k_cache[:, start:start + t] = k
+        v_cache[:, start:start + t] = v
+        k, v = k_cache[:, :start + t], v_cache[:, :start + t]
+    s = k.shape[1]
+    group = spec.num_heads // spec.num_kv_heads
+    qg = q.reshape(spec.num_kv_heads, group * t, hd)
+    scores = (qg @ k.transpose(0, 2, 1)).reshape(spec.num_kv_heads, group, t, s) / np.sqrt(hd)
+    # causal: query i (absolute start+i) sees keys 0..start+i
+    mask = np.arange(s)[None, :] > (start + np.arange(t))[:, None]
+    scores = np.where(mask, -np.inf, scores)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = (probs.reshape(spec.num_kv_heads, group * t, s) @ v).reshape(spec.num_heads, t, hd)
+    out = out.transpose(1, 0, 2).reshape(t, spec.num_heads * hd)
+    if observer:
+        observer(layer, "o", out)
+    return out @ lw["o_proj"].T
+
+
+def mlp(lw: LayerWeights, x: np.ndarray, observer: Observer | None = None, layer: int = 0) -> np.ndarray:
+    hidden = silu(x @ lw["gate_proj"].T) * (x @ lw["up_proj"].T)
+    if observer:
+        observer(layer, "down", hidden)
+    return hidden @ lw["down_proj"].T
+
+
+def layer_forward(spec: ModelSpec, lw: LayerWeights, h: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                  cache: KVCache | None = None, layer: int = 0, start: int = 0,
+                  observer: Observer | None = None) -> np.ndarray:
+    """One decoder layer on hidden states h [T, hidden]; returns the new hidden states."""
+    x = rms_norm(h, lw["attn_norm"], spec.rms_norm_eps)
+    if observer:
+        observer(layer, "qkv", x)
+    kc, vc = (cache.k[layer], cache.v[layer]) if cache is not None else (None, None)
+    h = h + attention(spec, lw, x, cos, sin, kc, vc, start, observer, layer)
+    x = rms_norm(h, lw["mlp_norm"], spec.rms_norm_eps)
+    if observer:
+        observer(layer, "gate_up", x)
+    return h + mlp(lw, x, observer, layer)
+
+
+class ReferenceDecoder:
+    """Prefill and one-token decode over a KV cache, float32, numpy only.
+
+    ``keep_weights`` holds every layer's float32 weights after first use (fast generation);
+    without it each forward re-reads them through ``weights`` (bounded memory, slow).
+    """
+
+    def __init__(self, spec: ModelSpec, weights: WeightsFn, max_context: int | None = None,
+                 keep_weights: bool = True):
+        self.spec = spec
+        self.weights = weights
+        self.max_context = int(max_context or min(spec.max_position_embeddings, 4096))
+        self.keep_weights = keep_weights
+        self._layers: dict[int, LayerWeights] = {}
+        self._globals: dict[str, np.ndarray] = {}
+        self.cache = KVCache(spec, self.max_context)
+
+    def reset(self) -> None:
+        self.cache.length = 0
+
+    def _global(self, key: str) -> np.ndarray:
+        if key in self._globals:
+            return self._globals[key]
+        name = self.spec.tensor_name("embed" if key == "lm_head" and self.spec.tied_embeddings else key)
+        value = np.asarray(self.weights(name), dtype=np.float32)
+        if self.keep_weights:
+            self._globals[key] = value
+        return value
+
+    def layer(self, i: int) -> LayerWeights:
+        if i in self._layers:
+            return self._layers[i]
+        lw = LayerWeights.load(self.spec, i, self.weights)
+        if self.keep_weights:
+            self._layers[i] = lw
+        return lw
+
+    def embed(self, ids) -> np.ndarray:
+        return self._global("embed")[np.asarray(ids, dtype=np.int64)]
+
+    def head(self, h: np.ndarray) -> np.ndarray:
+        x = rms_norm(h, self._global("final_norm"), self.spec.rms_norm_eps)
+        return x @ self._global("lm_head").T
+
+    def forward(self, ids, all_logits: bool = False, observer: Observer | None = None) -> np.ndarray:
+        """Run ids after what the cache already holds; logits of the last position [vocab]
+        (or of every position [T, vocab] with ``all_logits``)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        start, t = self.cache.length, len(ids)
+        if start + t > self.max_context:
+            raise ContextOverflowError(
+                f"{start + t} tokens do not fit the context of {self.max_context}; shorten the prompt "
+                "or raise max_context")
+        cos, sin = rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling,
+                                np.arange(start, start + t))
+        h = self.embed(ids)
+        for i in range(self.spec.num_layers):
+            h = layer_forward(self.spec, self.layer(i), h, cos, sin, self.cache, i, start, observer)
+        self.cache.length = start + t
+        return self.head(h if all_logits else h[-1:])[slice(None) if all_logits else 0]
+
+    def prefill(self, ids) -> np.ndarray:
+        self.reset()
+        return self.forward(ids)
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.forward([token])

@@ -1,0 +1,99 @@
+"""An artifact's weights back in float32 HF layout, with numpy only (for the reference backend).
+
+The manifest's ``weights`` section maps every HF tensor name to where its stored form lives
+(file, byte offset, length, dtype, shape) and how it was packed, so no ONNX or Core ML library
+is needed to read it back.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ArtifactError
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int8": np.int8}
+
+
+class ArtifactWeights:
+    """``weights(name) -> float32 array`` over an artifact's stored tensors (memory-mapped)."""
+
+    def __init__(self, artifact):
+        self.artifact = artifact
+        self.table = artifact.manifest.get("weights")
+        if not isinstance(self.table, dict) or not self.table:
+            raise ArtifactError(f"{artifact.path}: the manifest has no 'weights' table, so the reference "
+                                "backend cannot read this artifact; re-export it with this version")
+        self._maps: dict[str, np.memmap] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        entry = self.table.get(name)
+        if entry is None:
+            raise ArtifactError(f"{self.artifact.path}: the manifest's weights table has no '{name}'")
+        unpack = UNPACKERS.get(entry.get("format"))
+        if unpack is None:
+            raise ArtifactError(f"{self.artifact.path}: weight '{name}' has unknown format {entry.get('format')!r}")
+        w = unpack(self, entry)
+        if "rows" in entry:
+            w = w[entry["rows"][0]:entry["rows"][1]]
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+    def raw(self, ref: dict) -> np.ndarray:
+        """The bytes a {file, offset, length, dtype, shape} reference points at, as an array."""
+        file = ref["file"]
+        if file not in self._maps:
+            self._maps[file] = np.memmap(self.artifact.file(file), dtype=np.uint8, mode="r")
+        data = self._maps[file]
+        offset, length = int(ref["offset"]), int(ref["length"])
+        if offset < 0 or offset + length > data.size:
+            raise ArtifactError(f"{self.artifact.path}/{file}: weight bytes [{offset}, {offset + length}) "
+                                "fall outside the file")
+        return data[offset:offset + length].view(DTYPES[ref["dtype"]]).reshape(ref["shape"])
+
+
+def _float(weights: ArtifactWeights, e: dict) -> np.ndarray:
+    w = weights.raw(e["data"]).astype(np.float32)
+    return w.T if e.get("transpose") else w
+
+
+def _matmulnbits(weights: ArtifactWeights, e: dict) -> np.ndarray:
+    """onnxruntime MatMulNBits: B [N, blocks, block*bits/8], scales [N*blocks], zero points packed."""
+    n, k, bits, block = e["N"], e["K"], e["bits"], e["block_size"]
+    blocks = -(-k // block)
+    packed = weights.raw(e["B"]).reshape(n, blocks, -1)
+    if bits == 4:
+        q = np.empty((n, blocks, block), np.uint8)
+        q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
+    else:
+        q = packed
+    scales = weights.raw(e["scales"]).astype(np.float32).reshape(n, blocks)
+    if e.get("zero_points"):
+        zp = weights.raw(e["zero_points"]).reshape(n, -1)
+        if bits == 4:
+            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+        zp = zp.astype(np.float32)
+    else:
+        zp = np.full((n, blocks), 2 ** (bits - 1), np.float32)
+    w = (q.astype(np.float32) - zp[..., None]) * scales[..., None]
+    if e.get("residual"):
+        w = w + weights.raw(e["residual"]).astype(np.float32).reshape(n, blocks)[..., None]
+    return w.reshape(n, blocks * block)[:, :k]
+
+
+def _fp8(weights: ArtifactWeights, e: dict) -> np.ndarray:
+    codes = weights.raw(e["data"])
+    w = fp8_e4m3fn_to_float(codes) * weights.raw(e["scale"]).astype(np.float32)
+    return w.T if e.get("transpose") else w
+
+
+def fp8_e4m3fn_to_float(codes: np.ndarray) -> np.ndarray:
+    """Decode float8 E4M3FN bit patterns (uint8) to float32."""
+    c = codes.astype(np.int32)
+    sign = np.where(c & 0x80, -1.0, 1.0).astype(np.float32)
+    exp, man = (c >> 3) & 0x0F, c & 0x07
+    normal = (1.0 + man / 8.0) * np.exp2(exp - 7.0)
+    sub = (man / 8.0) * np.exp2(-6.0)
+    value = np.where(exp == 0, sub, normal).astype(np.float32)
+    value = np.where((exp == 0x0F) & (man == 0x07), np.nan, value)
+    return sign * value
+
+
+UNPACKERS = {"float": _float, "matmulnbits": _matmulnbits, "fp8": _fp8}

