@@ -1,0 +1,61 @@
+"""The command line: help, version, inspect, fixture, and one-line errors with exit code 2."""
+import json
+
+from click.testing import CliRunner
+
+from edge_export import __version__
+from edge_export.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_and_version():
+    out = run("--help")
+    assert out.exit_code == 0
+    for command in ("export", "run", "chat", "eval", "bench", "inspect", "fixture", "quickstart"):
+        assert command in out.output
+    assert __version__ in run("--version").output
+    assert "onnx/portable" in run("export", "--help").output
+
+
+def test_inspect_json(tiny_llama):
+    out = run("inspect", str(tiny_llama), "--json")
+    assert out.exit_code == 0
+    info = json.loads(out.output)
+    for key in ("architecture", "parameters", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                "vocab_size", "kv_bytes_per_token", "weight_bytes"):
+        assert key in info
+    assert info["architecture"] == "LlamaForCausalLM" and info["num_kv_heads"] == 2
+    assert info["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 2  # K and V, 2 layers, 2 kv heads, head_dim 32, fp16
+    w = info["weight_bytes"]
+    assert w["fp16"] > w["int8"] > w["int4"] and w["fp8"] < w["fp16"]
+
+
+def test_inspect_human(tiny_llama):
+    out = run("inspect", str(tiny_llama))
+    assert "LlamaForCausalLM" in out.output and "KV cache (fp16)" in out.output
+
+
+def test_errors_are_one_line_exit_2(tmp_path):
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert out.exit_code == 2
+    assert out.output.strip().splitlines() == [f"error: {tmp_path}: no config.json; point at an HF model folder "
+                                               "(config.json + *.safetensors) or a .gguf file"]
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path / "nope")])
+    assert out.exit_code == 2 and "no such file or folder" in out.output and "Traceback" not in out.output
+
+
+def test_debug_shows_traceback(tmp_path):
+    out = CliRunner().invoke(main, ["--debug", "inspect", str(tmp_path)])
+    assert out.exit_code != 0 and out.exception is not None
+
+
+def test_fixture_command(tmp_path):
+    out = run("fixture", "--preset", "r1-distill-llama-8b", "--scale", "tiny", "-o", str(tmp_path / "f"))
+    assert out.exit_code == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "README.md"} <= {p.name for p in (tmp_path / "f").iterdir()}
+    bad = CliRunner().invoke(main, ["fixture", "--preset", "gpt-5", "-o", str(tmp_path / "g")])
+    assert bad.exit_code == 2 and "unknown preset 'gpt-5'" in bad.output
