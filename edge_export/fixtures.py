@@ -30,11 +30,12 @@ def write_fixture(preset: str, scale: str, out: str | Path, seed: int = 0, init_
     spec = preset_spec(preset, scale)
     out = Path(out)
     weight_bytes = spec.parameter_count * 2
-    out.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out).free
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
     if weight_bytes > free:
         raise ExportError(f"{out}: {preset} at scale {scale} needs {weight_bytes / 1e9:.1f} GB of disk, "
                           f"only {free / 1e9:.1f} GB free; choose another folder or --scale tiny")
+    out.mkdir(parents=True, exist_ok=True)
     std = init_std if init_std is not None else (0.02 if scale == "full" else 0.08)
     _write_weights(spec, out, np.random.default_rng(seed), std)
     config = get_architecture(spec.architecture).config_from_spec(spec)

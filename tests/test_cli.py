@@ -59,3 +59,16 @@ def test_fixture_command(tmp_path):
             "generation_config.json", "README.md"} <= {p.name for p in (tmp_path / "f").iterdir()}
     bad = CliRunner().invoke(main, ["fixture", "--preset", "gpt-5", "-o", str(tmp_path / "g")])
     assert bad.exit_code == 2 and "unknown preset 'gpt-5'" in bad.output
+
+
+def test_full_fixture_refuses_when_disk_is_too_small(tmp_path):
+    import shutil
+
+    import pytest
+    from edge_export.presets import preset_spec
+    need = preset_spec("r1-distill-llama-70b").parameter_count * 2
+    if shutil.disk_usage(tmp_path).free >= need:
+        pytest.skip("this disk could hold the 70B fixture; refusing is only tested where it cannot")
+    out = CliRunner().invoke(main, ["fixture", "--preset", "r1-distill-llama-70b", "--scale", "full", "-o", str(tmp_path / "big")])
+    assert out.exit_code == 2 and "needs 141.1 GB of disk" in out.output
+    assert not (tmp_path / "big").exists()

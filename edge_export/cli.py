@@ -1,0 +1,277 @@
+"""The `edge-export` command line. Thin: each command parses, calls one library function, renders.
+
+Errors the toolkit raises on purpose (EdgeError, QuantizationError) become one line on stderr and
+exit code 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+
+import click
+
+from . import __version__
+from .errors import EdgeError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from quantizers.errors import QuantizationError
+    return (EdgeError, QuantizationError)
+
+
+class EdgeGroup(click.Group):
+    """Turns the toolkit's own errors into one clear line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edge-export")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Quantize, export, verify and benchmark distilled reasoning models for edge devices."""
+    ctx.obj = {"debug": debug}
+    # SIGTERM unwinds like Ctrl-C, so a half-written export removes its staging folder
+    signal.signal(signal.SIGTERM, _terminate)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(checkpoint: str, as_json: bool) -> None:
+    """Describe a checkpoint: architecture, size, dims, KV cost, and export sizes per precision."""
+    from .inspect import describe, render_description
+    info = describe(checkpoint)
+    emit_json(info) if as_json else click.echo(render_description(info))
+
+
+@main.command()
+@click.option("--preset", required=True, help="r1-distill-qwen-1.5b, r1-distill-llama-8b, ... (see `inspect`).")
+@click.option("--scale", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--seed", default=0, show_default=True)
+def fixture(preset: str, scale: str, out: str, seed: int) -> None:
+    """Write a random-weight checkpoint of a preset in the real HF layout."""
+    from .fixtures import write_fixture
+    path = write_fixture(preset, scale, out, seed=seed)
+    click.echo(f"wrote {preset} ({scale}) to {path}")
+
+
+@main.command()
+@click.option("-o", "--out", default="edge-quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the quickstart's artifacts and report.")
+def quickstart(out: str) -> None:
+    """The main job on the real SmolLM2-135M: inspect, then answer a question with the reference."""
+    from .quickstart import run_quickstart
+    run_quickstart(out, echo=click.echo)
+
+
+TARGET_HELP = """Targets and variants:
+
+\b
+  onnx/ort       onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention): CPU, CUDA,
+                 mobile onnxruntime, onnxruntime-genai. The default.
+  onnx/portable  standard ONNX ops only (blocked DequantizeLinear, float8 Q/DQ): what TensorRT and
+                 NPU compilers ingest.
+  onnx/qnn       QDQ form with static shapes for the Qualcomm Hexagon NPU (QNN execution provider).
+  coreml         ML Program for iOS 18 / macOS 15, KV cache as state, block-wise int4.
+  tensorrt       portable ONNX plus what builds the engine on the device.
+"""
+
+
+@main.command(epilog=TARGET_HELP)
+@click.argument("checkpoint")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
+@click.option("--target", default="onnx", show_default=True, help="onnx | coreml | tensorrt (see below).")
+@click.option("--variant", help="ort (default for onnx) | portable | qnn.")
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp8", "fp16", "fp32"]), default="int4", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]), default="rtn", show_default=True,
+              help="int4 method; keep carries a GGUF's quantized blocks as they are.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option("--asymmetric", is_flag=True, help="int4 with zero points.")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option("--max-context", default=2048, show_default=True, help="Positions the KV cache holds.")
+@click.option("--kv-cache", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--calibration", type=click.Path(dir_okay=False), help="JSONL of prompts or messages (AWQ/GPTQ).")
+@click.option("--no-verify", is_flag=True, help="Skip checking the artifact against the reference decoder.")
+@click.option("--max-kl", type=float, help="Verification threshold on kl_mean (default 0.5).")
+@click.option("--min-top1", type=float, help="Verification threshold on top1_agreement (default 0.70).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact at OUT (atomically).")
+@click.option("--json", "as_json", is_flag=True)
+def export(checkpoint, out, target, variant, quant, method, group_size, asymmetric, act_order, max_context,
+           kv_cache, calibration, no_verify, max_kl, min_top1, overwrite, as_json):
+    """Quantize CHECKPOINT, lower it to a target, verify it, and publish an artifact at OUT."""
+    from .export import ExportOptions, export as run_export
+    options = ExportOptions(target=target, variant=variant, quant=quant, method=method, group_size=int(group_size),
+                            symmetric=not asymmetric, act_order=act_order, max_context=max_context,
+                            kv_cache={"fp32": "float32", "fp16": "float16"}[kv_cache], calibration=calibration,
+                            verify=not no_verify, overwrite=overwrite,
+                            **{k: v for k, v in (("max_kl", max_kl), ("min_top1", min_top1)) if v is not None})
+    manifest = run_export(checkpoint, out, options, progress=lambda s: None if as_json else click.echo(s, err=True))
+    if as_json:
+        emit_json({k: manifest[k] for k in ("target", "variant", "quantization", "verification", "files")
+                   if k in manifest})
+        return
+    mb = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
+    line = f"wrote {out}: {manifest['target']}/{manifest['variant']}, {quant} {method}, {mb:,.1f} MiB"
+    if "verification" in manifest:
+        v = manifest["verification"]
+        line += f"; kl_mean {v['kl_mean']:.4f}, top1_agreement {v['top1_agreement']:.3f}"
+    click.echo(line)
+
+
+def _sampling_options(f):
+    for option in reversed([
+        click.option("--backend", help="Override the manifest's backend (e.g. reference)."),
+        click.option("--provider", help="Execution provider: cpu, cuda, coreml, qnn, xnnpack, nnapi, ..."),
+        click.option("--threads", type=int, help="Intra-op threads."),
+        click.option("--max-new-tokens", default=512, show_default=True),
+        click.option("--thinking-budget", type=int, help="Close </think> after this many thinking tokens."),
+        click.option("--temperature", type=float, help="Default: the model's (R1: 0.6). 0 = greedy."),
+        click.option("--top-p", type=float), click.option("--seed", type=int)]):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("artifact")
+@click.argument("prompt")
+@_sampling_options
+@click.option("--hide-thinking", is_flag=True, help="Print only the answer.")
+@click.option("--json", "as_json", is_flag=True)
+def run(artifact, prompt, backend, provider, threads, max_new_tokens, thinking_budget, temperature, top_p, seed,
+        hide_thinking, as_json):
+    """Answer PROMPT with ARTIFACT, streaming (thinking dimmed, answer plain)."""
+    import runtimes
+    rt = runtimes.load(artifact, backend=backend, provider=provider, threads=threads)
+    result = runtimes.Result()
+    sampling = dict(max_new_tokens=max_new_tokens, thinking_budget=thinking_budget, temperature=temperature,
+                    top_p=top_p, seed=seed)
+    for event in rt.stream(prompt, result=result, **sampling):
+        if not as_json:
+            _render(event, hide_thinking)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo()
+    if result.finish_reason == "context":
+        click.echo(f"(stopped: the context of {rt.max_context} tokens is full)", err=True)
+
+
+def _render(event, hide_thinking: bool) -> None:
+    if event.kind == "answer":
+        click.echo(event.text, nl=False)
+    elif not hide_thinking:
+        click.echo(click.style(event.text, dim=True), nl=False)
+
+
+@main.command()
+@click.argument("artifact")
+@_sampling_options
+@click.option("--hide-thinking", is_flag=True)
+def chat(artifact, backend, provider, threads, max_new_tokens, thinking_budget, temperature, top_p, seed,
+         hide_thinking):
+    """Talk with ARTIFACT over several turns (Ctrl-D or /exit to leave)."""
+    import runtimes
+    rt = runtimes.load(artifact, backend=backend, provider=provider, threads=threads)
+    history = []
+    sampling = dict(max_new_tokens=max_new_tokens, thinking_budget=thinking_budget, temperature=temperature,
+                    top_p=top_p, seed=seed)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            click.echo()
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        result = runtimes.Result()
+        for event in rt.stream(history, result=result, **sampling):
+            _render(event, hide_thinking)
+        click.echo()
+        # earlier turns keep only their answer, as R1's template does with thinking
+        history.append({"role": "assistant", "content": result.answer.strip()})
+
+
+@main.command(name="eval")
+@click.argument("candidate")
+@click.option("--reference", required=True, help="The original checkpoint (folder, .gguf or smollm2-135m).")
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp8", "fp16", "fp32"]), default="int4", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]), default="rtn", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option("--asymmetric", is_flag=True)
+@click.option("--calibration", type=click.Path(dir_okay=False))
+@click.option("--prompts", type=click.Path(dir_okay=False), help="JSONL prompts replacing the built-in set.")
+@click.option("--no-ppl", is_flag=True, help="Skip perplexity on the held-out text.")
+@click.option("--questions", is_flag=True, help="Also count same answers on 40 short chat questions.")
+@click.option("--threads", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def eval_(candidate, reference, quant, method, group_size, asymmetric, calibration, prompts, no_ppl, questions,
+          threads, as_json):
+    """How closely CANDIDATE (an artifact, or a checkpoint with --quant applied) answers like --reference."""
+    from .evaluate import evaluate
+    from .export import ExportOptions
+    options = ExportOptions(quant=quant, method=method, group_size=int(group_size), symmetric=not asymmetric,
+                            calibration=calibration, threads=threads)
+    figures = evaluate(candidate, reference, options, prompts=prompts, ppl=not no_ppl, questions=questions)
+    if as_json:
+        emit_json(figures)
+        return
+    for key in ("kl_mean", "top1_agreement", "greedy_match_tokens", "ppl", "ppl_reference"):
+        if figures.get(key) is not None:
+            click.echo(f"{key:22s} {figures[key]}")
+    if "same_answers" in figures:
+        click.echo(f"{'same_answers':22s} {figures['same_answers']['same']}/{figures['same_answers']['of']}")
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--device", "device", default="host", show_default=True, help="host (more kinds: see `devices`).")
+@click.option("--prompt-tokens", default=128, show_default=True)
+@click.option("--new-tokens", default=128, show_default=True)
+@click.option("--runs", default=5, show_default=True)
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--backend")
+@click.option("--long-context", default=0, help="Also time decode after this many tokens of context.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact, device, prompt_tokens, new_tokens, runs, warmup, threads, backend, long_context, as_json):
+    """Time ARTIFACT by the shared protocol (prompt, greedy tokens, warm-up, medians)."""
+    import devices
+    result = devices.bench(artifact, device, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
+                           warmup=warmup, threads=threads, backend=backend, long_context=long_context or None)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{device}: TTFT {result['ttft_ms']:.1f} ms ({result['prefill_tok_s']:.0f} tok/s prefill), "
+               f"decode {result['decode_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MB, "
+               f"model {result['model_bytes'] / 2**20:.1f} MiB ({result['runs']} runs, medians)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
