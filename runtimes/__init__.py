@@ -49,7 +49,12 @@ class Runtime:
         """A string (one user message), a list of messages, or token ids -> prompt ids."""
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
             return list(prompt)
-        return self.tokenizer.encode_chat(prompt)
+        ids = self.tokenizer.encode_chat(prompt)
+        prefix = self.defaults.get("think_prefix")
+        # R1: "force the response to start with <think>\n" where the template does not already
+        if prefix and not self.tokenizer.decode(ids[-4:]).endswith(prefix):
+            ids += self.tokenizer.encode(prefix, add_bos=False)
+        return ids
 
     def stream(self, prompt, result: Result | None = None, **sampling) -> Iterator[Event]:
         return self.generator.stream(self.prompt_ids(prompt), self.sampling(**sampling), result)

@@ -17,6 +17,7 @@ from .models import ModelSpec
 MANIFEST = "edge_manifest.json"
 FORMAT = "edge-export-artifact"
 FORMAT_VERSION = 1
+STAGING_TAGS = (".edge-tmp-", ".edge-old-")  # folders edge_export.artifact writes before publishing
 # Files a runtime or tool may add beside the listed ones without making the artifact suspect.
 IGNORED = {MANIFEST}
 
@@ -68,10 +69,14 @@ class Artifact:
         return sum(int(e["bytes"]) for e in self.manifest["files"].values())
 
 
-def read_manifest(folder: str | Path) -> Artifact:
-    """Parse and sanity-check an artifact's manifest (no file hashing)."""
+def read_manifest(folder: str | Path, staging_ok: bool = False) -> Artifact:
+    """Parse and sanity-check an artifact's manifest (no file hashing). ``staging_ok`` is for the
+    exporter verifying its own staging folder before publishing it."""
     folder = Path(folder)
     path = folder / MANIFEST
+    if not staging_ok and (STAGING_TAGS[0] in folder.name or STAGING_TAGS[1] in folder.name):
+        raise ArtifactError(f"{folder}: an unfinished export's staging folder, never loaded; the next export "
+                            "beside it removes it")
     if not path.is_file():
         raise ArtifactError(f"{folder}: no {MANIFEST}; this is not an edge-export artifact "
                             "(export one with `edge-export export`)")

@@ -54,16 +54,19 @@ class KVCache:
         self.length = 0
 
 
-def attention(spec: ModelSpec, lw: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-              k_cache: np.ndarray | None, v_cache: np.ndarray | None, start: int,
-              observer: Observer | None = None, layer: int = 0) -> np.ndarray:
-    """Self-attention over x [T, hidden] at positions start..start+T-1; fills the cache if given."""
-    t, hd = x.shape[0], spec.head_dim
-    q = x @ lw["q_proj"].T
-    k = x @ lw["k_proj"].T
-    v = x @ lw["v_proj"].T
+def project_qkv(spec: ModelSpec, lw: LayerWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q [T, heads*hd], k and v [T, kv_heads*hd] for normalized input x [T, hidden]."""
+    q, k, v = x @ lw["q_proj"].T, x @ lw["k_proj"].T, x @ lw["v_proj"].T
     if spec.attention_bias:
         q, k, v = q + lw["q_bias"], k + lw["k_bias"], v + lw["v_bias"]
+    return q, k, v
+
+
+def attend(spec: ModelSpec, lw: LayerWeights, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray,
+           sin: np.ndarray, k_cache: np.ndarray | None, v_cache: np.ndarray | None, start: int) -> np.ndarray:
+    """Causal GQA of one sequence's projections at positions start.. ; fills the cache if given.
+    Returns the attention output [T, heads*hd] (o_proj's input)."""
+    t, hd = q.shape[0], spec.head_dim
     q = q.reshape(t, spec.num_heads, hd).transpose(1, 0, 2)
     k = k.reshape(t, spec.num_kv_heads, hd).transpose(1, 0, 2)
     v = v.reshape(t, spec.num_kv_heads, hd).transpose(1, 0, 2)
@@ -86,7 +89,14 @@ def attention(spec: ModelSpec, lw: LayerWeights, x: np.ndarray, cos: np.ndarray,
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
     out = (probs.reshape(spec.num_kv_heads, group * t, s) @ v).reshape(spec.num_heads, t, hd)
-    out = out.transpose(1, 0, 2).reshape(t, spec.num_heads * hd)
+    return out.transpose(1, 0, 2).reshape(t, spec.num_heads * hd)
+
+
+def attention(spec: ModelSpec, lw: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+              k_cache: np.ndarray | None, v_cache: np.ndarray | None, start: int,
+              observer: Observer | None = None, layer: int = 0) -> np.ndarray:
+    """Self-attention over x [T, hidden] at positions start..start+T-1; fills the cache if given."""
+    out = attend(spec, lw, *project_qkv(spec, lw, x), cos, sin, k_cache, v_cache, start)
     if observer:
         observer(layer, "o", out)
     return out @ lw["o_proj"].T
@@ -112,6 +122,19 @@ def layer_forward(spec: ModelSpec, lw: LayerWeights, h: np.ndarray, cos: np.ndar
     if observer:
         observer(layer, "gate_up", x)
     return h + mlp(lw, x, observer, layer)
+
+
+def decode_step_batched(spec: ModelSpec, lw: LayerWeights, h: np.ndarray, tables: list, caches: list,
+                        layer: int, starts: list[int]) -> np.ndarray:
+    """One new token for each of B sequences through one layer: h [B, hidden]. The linear layers
+    run once on all B rows (the weights are read once); attention runs per sequence."""
+    x = rms_norm(h, lw["attn_norm"], spec.rms_norm_eps)
+    q, k, v = project_qkv(spec, lw, x)
+    out = np.concatenate([
+        attend(spec, lw, q[j:j + 1], k[j:j + 1], v[j:j + 1], cos, sin, c.k[layer], c.v[layer], start)
+        for j, ((cos, sin), c, start) in enumerate(zip(tables, caches, starts))])
+    h = h + out @ lw["o_proj"].T
+    return h + mlp(lw, rms_norm(h, lw["mlp_norm"], spec.rms_norm_eps))
 
 
 class ReferenceDecoder:

@@ -55,7 +55,8 @@ def _float(weights: ArtifactWeights, e: dict) -> np.ndarray:
 
 
 def _matmulnbits(weights: ArtifactWeights, e: dict) -> np.ndarray:
-    """onnxruntime MatMulNBits: B [N, blocks, block*bits/8], scales [N*blocks], zero points packed."""
+    """onnxruntime MatMulNBits: B [N, blocks, block*bits/8], scales [N*blocks], zero points packed
+    along blocks (two 4-bit points a byte) or one a byte (GatherBlockQuantized's form)."""
     n, k, bits, block = e["N"], e["K"], e["bits"], e["block_size"]
     blocks = -(-k // block)
     packed = weights.raw(e["B"]).reshape(n, blocks, -1)
@@ -67,15 +68,20 @@ def _matmulnbits(weights: ArtifactWeights, e: dict) -> np.ndarray:
     scales = weights.raw(e["scales"]).astype(np.float32).reshape(n, blocks)
     if e.get("zero_points"):
         zp = weights.raw(e["zero_points"]).reshape(n, -1)
-        if bits == 4:
+        if bits == 4 and e.get("zero_points_packed", True):
             zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks]
         zp = zp.astype(np.float32)
     else:
         zp = np.full((n, blocks), 2 ** (bits - 1), np.float32)
     w = (q.astype(np.float32) - zp[..., None]) * scales[..., None]
     if e.get("residual"):
-        w = w + weights.raw(e["residual"]).astype(np.float32).reshape(n, blocks)[..., None]
-    return w.reshape(n, blocks * block)[:, :k]
+        r = weights.raw(e["residual"]).astype(np.float32)
+        r = r.T if e.get("residual_transposed") else r
+        w = w + r.reshape(n, blocks)[..., None]
+    w = w.reshape(n, blocks * block)[:, :k]
+    if e.get("input_scale_inverse"):  # AWQ's 1/s applied to the input by an explicit Mul
+        w = w * weights.raw(e["input_scale_inverse"]).astype(np.float32)
+    return w
 
 
 def _fp8(weights: ArtifactWeights, e: dict) -> np.ndarray:

@@ -70,12 +70,12 @@ class OnnxRuntimeBackend(Backend):
                     ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, device))
                    for _ in range(self.layers)]
         self.binding = self.session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
         for i, (k, v) in enumerate(self.kv):
             self.binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
             self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
             self.binding.bind_ortvalue_output(f"present.{i}.key", k)
             self.binding.bind_ortvalue_output(f"present.{i}.value", v)
-        self.binding.bind_output("logits", "cpu")
         self.position = 0
         self.mask = np.ones((1, self.max_context), np.int64)
 
@@ -86,7 +86,7 @@ class OnnxRuntimeBackend(Backend):
         self.session.run_with_iobinding(self.binding)
         self.position = total
         logits = self.binding.get_outputs()[0].numpy()
-        return logits[0, -1].astype(np.float32, copy=False)
+        return np.array(logits[0, -1], dtype=np.float32)  # a copy: the output buffer is reused
 
     def prefill(self, ids) -> np.ndarray:
         self.position = 0

@@ -1,0 +1,41 @@
+"""`python -m devices.runner ARTIFACT --json`: the benchmark in a process of its own.
+
+The host runs it as a subprocess (so peak RSS is the runtime's alone, as for the peers) and a
+remote device runs the very same module; it prints one JSON object on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="devices.runner")
+    ap.add_argument("artifact")
+    ap.add_argument("--backend")
+    ap.add_argument("--provider")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--long-context", type=int, default=0)
+    args = ap.parse_args(argv)
+    import runtimes
+    from runtimes.errors import EdgeError
+
+    from .protocol import run_protocol
+    try:
+        rt = runtimes.load(args.artifact, backend=args.backend, provider=args.provider, threads=args.threads)
+        result = run_protocol(rt, args.prompt_tokens, args.new_tokens, args.runs, args.warmup, args.long_context)
+    except EdgeError as e:
+        print(json.dumps({"error": str(e)}))
+        return 2
+    result.update(backend=rt.backend.name, threads=args.threads, model_bytes=rt.artifact.model_bytes)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

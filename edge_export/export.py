@@ -1,0 +1,182 @@
+"""`export`: checkpoint -> quantized -> lowered -> verified -> published artifact.
+
+Each stage hands the next one a documented object (Checkpoint, QuantizedWeights, the staging
+folder with its files, the verification Figures), and the artifact appears at OUT only when all
+of them succeeded (see artifact.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from quantizers import default_rules
+from quantizers.schemes import Fp8Config, Int4Config, Int8Config, Rules
+
+from .artifact import publish, staging_folder, write_manifest
+from .checkpoint import open_checkpoint
+from .errors import ExportError, VerificationError
+from .quantize import QuantizedWeights
+from .targets import get_target
+
+log = logging.getLogger(__name__)
+
+# Verification thresholds an export must pass (overridable): the mean KL over the built-in prompts'
+# 32 reference tokens, and the share of those positions whose argmax agrees.
+MAX_KL = 0.5
+MIN_TOP1 = 0.70
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str = "onnx"
+    variant: str | None = None
+    quant: str = "int4"  # fp32 | fp16 | int8 | int4 | fp8
+    method: str = "rtn"  # rtn | awq | gptq | keep (int4)
+    group_size: int = 32
+    symmetric: bool = True
+    act_order: bool = False
+    max_context: int = 2048
+    kv_cache: str = "float32"
+    calibration: str | None = None
+    verify: bool = True
+    max_kl: float = MAX_KL
+    min_top1: float = MIN_TOP1
+    prompts: str | None = None
+    overwrite: bool = False
+    threads: int | None = None
+
+
+def quant_rules(options: ExportOptions) -> Rules:
+    """The per-tensor rules for ``--quant``/``--method`` (default_rules of the chosen scheme)."""
+    if options.quant in ("fp32", "fp16"):
+        return Rules((("*", None),))
+    if options.quant == "int4":
+        config = Int4Config(options.group_size, options.symmetric, options.method, act_order=options.act_order)
+    elif options.method not in ("rtn", "keep"):
+        raise ExportError(f"--method {options.method} applies to int4 only; --quant {options.quant} uses rtn")
+    elif options.quant == "int8":
+        config = Int8Config()
+    elif options.quant == "fp8":
+        config = Fp8Config()
+    else:
+        raise ExportError(f"--quant '{options.quant}' is not one of fp32, fp16, int8, int4, fp8")
+    return default_rules(config)
+
+
+def calibration_ids(tokenizer, path: str | None) -> list[list[int]]:
+    """The calibration prompts (built-in reasoning set, or a JSONL file) rendered with the chat
+    template, which for R1 ends in ``<think>\\n`` as the model sees it."""
+    from .verify import data_file, load_prompts
+    prompts = load_prompts(path or data_file("calibration.jsonl"))
+    if tokenizer is None:
+        raise ExportError("calibration needs the checkpoint's tokenizer; this checkpoint has none")
+    return [tokenizer.encode_chat(p) for p in prompts]
+
+
+def export(checkpoint, out, options: ExportOptions = ExportOptions(),
+           progress: Callable[[str], None] = lambda s: None, **overrides) -> dict:
+    """Export ``checkpoint`` (folder, .gguf or known name) to the artifact folder ``out``.
+
+    Returns the manifest. Raises ExportError / VerificationError; on any failure nothing is left
+    at ``out`` that was not there before.
+    """
+    if overrides:
+        options = ExportOptions(**{**asdict(options), **overrides})
+    target, variant = get_target(options.target, options.variant)
+    if options.quant not in target.quant:
+        raise ExportError(f"--quant {options.quant} cannot be carried by target {target.name} "
+                          f"(it takes: {', '.join(target.quant)})")
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(checkpoint)
+    rules = quant_rules(options)
+    with staging_folder(out, options.overwrite) as staging:
+        calibration = None
+        if options.method in ("awq", "gptq"):
+            calibration = calibration_ids(ckpt.tokenizer, options.calibration)
+        weights = QuantizedWeights(ckpt, rules, calibration)
+        progress(f"quantizing ({options.quant}, {options.method}) and lowering to {target.name}/{variant}")
+        lowered = target.lower(ckpt.spec, weights, staging, variant=variant, options=options)
+        _write_tokenizer(ckpt, staging)
+        manifest = _manifest(ckpt, options, target, variant, rules, weights, lowered)
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
+        write_manifest(staging, manifest)
+        if options.verify:
+            progress("verifying against the reference decoder")
+            figures = verify_artifact(staging, ckpt, options)
+            manifest["verification"] = figures
+            write_manifest(staging, manifest)
+            _check_thresholds(figures, options)
+        publish(staging, Path(out).absolute(), options.overwrite)
+    return json.loads((Path(out) / "edge_manifest.json").read_text())
+
+
+def _write_tokenizer(ckpt, folder: Path) -> None:
+    if ckpt.tokenizer is None:
+        raise ExportError(f"{ckpt.path}: has no tokenizer (tokenizer.json); an artifact needs one to run")
+    tok = ckpt.tokenizer
+    tok.tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": tok.chat_template, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+        "add_bos_token": tok.add_bos, "tokenizer_class": "PreTrainedTokenizerFast"}, ensure_ascii=False, indent=2))
+
+
+def _manifest(ckpt, options, target, variant, rules, weights, lowered) -> dict:
+    spec = ckpt.spec
+    tok = ckpt.tokenizer
+    special = {name: tok.token_id(text) for name, text in (("bos", tok.bos_token), ("eos", tok.eos_token),
+                                                            ("think_open", "<think>"), ("think_close", "</think>"))
+               if text and tok.token_id(text) is not None}
+    generation = {k: v for k, v in spec.generation.items() if k in ("temperature", "top_p", "top_k", "do_sample")}
+    if tok.token_id("<think>") is not None and tok.token_id("</think>") is not None:
+        generation["think_prefix"] = "<think>\n"  # DeepSeek's advice for the R1 distills
+    generation["eos_token_ids"] = sorted(set(spec.eos_token_ids) | set(spec.generation.get("eos_token_ids", [])))
+    return {
+        "target": target.name, "variant": variant, "backend": lowered.get("backend", target.backend),
+        "model": spec.to_dict(),
+        "source": {"path": str(ckpt.path), "format": ckpt.format, "dtype": ckpt.dtype},
+        "quantization": {"quant": options.quant, "method": options.method, "rules": rules.to_list(),
+                         "tensors": {n: r.to_dict() for n, r in weights.records.items()}},
+        "max_context": options.max_context,
+        "graph": lowered["graph"], "weights": lowered["weights"],
+        "tokenizer": {"file": "tokenizer.json", "config": "tokenizer_config.json"},
+        "chat_template": tok.chat_template, "special_tokens": special, "generation": generation,
+    }
+
+
+def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
+    """The artifact's next-token distributions against the reference decoder's (figures dict)."""
+    import runtimes
+
+    from .verify import LayerMajorScorer, RuntimeScorer, compare, encode_prompts, load_prompts
+    prompts = encode_prompts(ckpt.tokenizer, load_prompts(options.prompts))
+    reference = LayerMajorScorer(ckpt.spec, ckpt.tensor)
+    ref_tokens, ref_logprobs = reference.greedy(prompts, 32)
+    del reference
+    from runtimes.artifact import read_manifest
+    artifact = read_manifest(folder, staging_ok=True)
+    runtime = runtimes.Runtime(artifact, runtimes.get_backend(artifact.manifest["backend"])(
+        artifact, threads=options.threads))
+    figures = compare(_Fixed(ref_tokens, ref_logprobs), RuntimeScorer(runtime.backend), prompts)
+    return figures.to_dict()
+
+
+class _Fixed:
+    """A reference whose greedy pass already ran (so it is not held while the artifact runs)."""
+
+    def __init__(self, tokens, logprobs):
+        self.tokens, self.logprobs = tokens, logprobs
+
+    def greedy(self, prompts, n_new):
+        return self.tokens, self.logprobs
+
+
+def _check_thresholds(figures: dict, options: ExportOptions) -> None:
+    if figures["kl_mean"] > options.max_kl or figures["top1_agreement"] < options.min_top1:
+        raise VerificationError(
+            f"verification failed: kl_mean {figures['kl_mean']:.4f} (max {options.max_kl}), top1_agreement "
+            f"{figures['top1_agreement']:.3f} (min {options.min_top1}); nothing was written. Try "
+            "--method awq or gptq, a smaller --group-size, or loosen with --max-kl / --min-top1")

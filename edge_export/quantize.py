@@ -1,0 +1,225 @@
+"""Quantizing a checkpoint layer by layer: the weights a target asks for, produced as it asks.
+
+``QuantizedWeights.get(name)`` returns a QuantizedTensor (or float32 for tensors the rules keep
+wide). The first request for any tensor of layer i quantizes the whole layer; methods that need
+calibration (AWQ, GPTQ) first run the reference decoder's layer i over the calibration prompts'
+hidden states (never the whole model's activations at once), then push those states through the
+quantized layer to feed layer i+1. Tensors are handed out once and forgotten, so memory stays at
+about one layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import quantizers
+from quantizers import QuantizedTensor, Rules, Stats
+from quantizers.awq import awq_quantize_shared, awq_search_shared
+
+from runtimes import rope
+from runtimes.models import LAYER_TENSORS
+from runtimes.reference import LayerWeights, layer_forward
+
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+# where each linear layer's input is observed (runtimes.reference's observer points)
+POINTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}
+CALIBRATED = ("awq", "gptq")
+
+
+@dataclass
+class TensorRecord:
+    """What happened to one tensor, for the manifest."""
+    scheme: dict | None
+    source: str  # float | quantized | carried | decomposed | requantized
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "source": self.source}
+
+
+class QuantizedWeights:
+    """HF tensor name -> QuantizedTensor | float32, layer by layer, as ``rules`` say.
+
+    ``calibration``: prompt id lists, needed when any rule's method is awq or gptq.
+    ``keep``: carry a GGUF's Q4_0 / Q4_1 / Q8_0 blocks as they are instead of re-quantizing.
+    """
+
+    def __init__(self, checkpoint, rules: Rules, calibration: list[list[int]] | None = None):
+        self.ckpt, self.spec, self.rules = checkpoint, checkpoint.spec, rules
+        self.records: dict[str, TensorRecord] = {}
+        self._ready: dict[str, object] = {}
+        self._done_layers: set[int] = set()
+        self.method = _main_method(rules, self.spec)
+        if self.method in CALIBRATED and not calibration:
+            raise ExportError(f"method '{self.method}' needs calibration prompts (--calibration FILE or the built-in set)")
+        if self.method == "keep" and checkpoint.format != "gguf":
+            raise ExportError(f"--method keep carries a GGUF's quantized blocks; {checkpoint.path} is an "
+                              f"{checkpoint.format} checkpoint with float weights: use rtn, awq or gptq")
+        self._hidden = None
+        if self.method in CALIBRATED:
+            embed = checkpoint.tensor(self.spec.tensor_name("embed"))
+            self._hidden = [embed[np.asarray(ids)] for ids in calibration]
+            self._tables = [rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling,
+                                         np.arange(len(ids))) for ids in calibration]
+
+    # ---- public ------------------------------------------------------------------------
+    def get(self, name: str):
+        """The stored form of one tensor; each name is produced once (call ``peek`` to keep it)."""
+        layer = _layer_of(name)
+        if layer is not None and layer not in self._done_layers:
+            self._quantize_layer(layer)
+        if name in self._ready:
+            return self._ready.pop(name)
+        return self._single(name)
+
+    def dequantized(self, name: str) -> np.ndarray:
+        """What a target computes with for ``name``, as float32 (for evaluating the candidate)."""
+        value = self.get(name)
+        return value.effective_weight() if isinstance(value, QuantizedTensor) else value
+
+    # ---- one tensor at a time ----------------------------------------------------------
+    def _single(self, name: str):
+        source = self.spec.tensor_name("embed") if (
+            name == self.spec.tensor_name("lm_head") and self.spec.tied_embeddings) else name
+        config = self.rules.resolve(name)
+        if config is None:
+            self.records[name] = TensorRecord(None, "float")
+            return self.ckpt.tensor(source)
+        carried = self._carry(source, config)
+        if carried is not None:
+            self.records[name] = TensorRecord(carried.scheme, _carry_kind(carried))
+            return carried
+        config = _rtn_if_calibrated(config)
+        qt = quantizers.quantize(self.ckpt.tensor(source), config, name)
+        self.records[name] = TensorRecord(qt.scheme, "requantized" if self.method == "keep" else "quantized")
+        return qt
+
+    def _carry(self, name: str, config):
+        """With --method keep, any tensor the rules quantize keeps its GGUF blocks if it has them."""
+        if self.method != "keep":
+            return None
+        blocks = self.ckpt.quantized_blocks(name)
+        if blocks is None:
+            return None
+        return quantizers.from_gguf_blocks(blocks.kind, blocks.d, blocks.q, getattr(blocks, "m", None))
+
+    # ---- a whole layer -----------------------------------------------------------------
+    def _quantize_layer(self, i: int) -> None:
+        self._done_layers.add(i)
+        names = {key: self.spec.tensor_name(key, i) for key in LAYER_TENSORS}
+        lw = LayerWeights.load(self.spec, i, self.ckpt.tensor) if self._hidden is not None else None
+        stats = self._observe(i, lw) if lw is not None else None
+        out: dict[str, object] = {}
+        if self.method == "awq":
+            out = self._awq_layer(i, lw, stats, names)
+        for key in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            if names[key] not in out:
+                out[names[key]] = self._linear(names[key], lw[key] if lw else None, stats, key)
+        for key in ("attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm"):
+            name = names[key]
+            if name in self.spec.tensor_shapes() and name not in out:
+                out[name] = self._single(name)
+        self._ready.update(out)
+        if self._hidden is not None:
+            self._advance(i, out, names)
+
+    def _linear(self, name: str, weight, stats, key: str):
+        config = self.rules.resolve(name)
+        if config is None or getattr(config, "method", "rtn") not in CALIBRATED or stats is None:
+            return self._single(name)
+        point = next(p for p, keys in POINTS.items() if key in keys)
+        qt = quantizers.quantize(weight, config, name, stats[point])
+        self.records[name] = TensorRecord(qt.scheme, "quantized")
+        return qt
+
+    def _observe(self, i: int, lw: LayerWeights) -> dict[str, Stats]:
+        """Run float layer i over every calibration prompt; statistics of each linear's input."""
+        keep_xtx = self.method == "gptq"
+        widths = {"qkv": self.spec.hidden_size, "o": self.spec.num_heads * self.spec.head_dim,
+                  "gate_up": self.spec.hidden_size, "down": self.spec.intermediate_size}
+        stats = {p: Stats(k, keep_xtx=keep_xtx) for p, k in widths.items()}
+
+        def observer(layer, point, x):
+            stats[point].update(x)
+        for h, (cos, sin) in zip(self._hidden, self._tables):
+            layer_forward(self.spec, lw, h, cos, sin, observer=observer)
+        return stats
+
+    def _awq_layer(self, i: int, lw: LayerWeights, stats: dict[str, Stats], names: dict) -> dict:
+        """AWQ with every input scale folded exactly into the op that produces that input."""
+        config, spec, out = self.rules.resolve(names["q_proj"]), self.spec, {}
+        q, k, v = awq_quantize_shared([lw["q_proj"], lw["k_proj"], lw["v_proj"]], config, stats["qkv"],
+                                      [names["q_proj"], names["k_proj"], names["v_proj"]])
+        attn_norm = lw["attn_norm"] / q.input_scale
+        # o_proj's input is the attention output, linear in v: one scale per (kv head, dim), shared by
+        # the query heads of a group, folds into v's rows (and bias).
+        group = spec.num_heads // spec.num_kv_heads
+        mean_abs = stats["o"].mean_abs.reshape(spec.num_kv_heads, group, spec.head_dim).mean(1)
+        mean_abs = np.repeat(mean_abs[:, None, :], group, axis=1).reshape(-1)
+        s_o = awq_search_shared([lw["o_proj"]], stats["o"].sample, config, mean_abs)
+        o = quantizers.quantize(lw["o_proj"] * s_o, _plain(config), names["o_proj"])
+        s_v = s_o.reshape(spec.num_kv_heads, group, spec.head_dim)[:, 0].reshape(-1)
+        v = v.scale_rows(1.0 / s_v)
+        gate, up = awq_quantize_shared([lw["gate_proj"], lw["up_proj"]], config, stats["gate_up"],
+                                       [names["gate_proj"], names["up_proj"]])
+        mlp_norm = lw["mlp_norm"] / gate.input_scale
+        s_down = awq_search_shared([lw["down_proj"]], stats["down"].sample, config, stats["down"].mean_abs)
+        down = quantizers.quantize(lw["down_proj"] * s_down, _plain(config), names["down_proj"])
+        up = up.scale_rows(1.0 / s_down)
+        for key, qt in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o), ("gate_proj", gate),
+                        ("up_proj", up), ("down_proj", down)):
+            out[names[key]] = dataclasses.replace(qt, input_scale=None)  # 1/s is folded upstream
+            self.records[names[key]] = TensorRecord(qt.scheme, "quantized")
+        out[names["attn_norm"]], out[names["mlp_norm"]] = attn_norm, mlp_norm
+        self.records[names["attn_norm"]] = self.records[names["mlp_norm"]] = TensorRecord(None, "float (AWQ-folded)")
+        if spec.attention_bias:
+            out[names["v_bias"]] = lw["v_bias"] / s_v
+            self.records[names["v_bias"]] = TensorRecord(None, "float (AWQ-folded)")
+        return out
+
+    def _advance(self, i: int, out: dict, names: dict) -> None:
+        """Push the calibration states through the quantized layer i (what layer i+1 will see)."""
+        def value(key):
+            v = out[names[key]]
+            return v.effective_weight() if isinstance(v, QuantizedTensor) else v
+        lw = LayerWeights({key: np.asarray(value(key), np.float32) for key in _layer_keys(self.spec)})
+        self._hidden = [layer_forward(self.spec, lw, h, cos, sin) for h, (cos, sin) in zip(self._hidden, self._tables)]
+
+
+def _layer_keys(spec) -> list[str]:
+    keys = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj"]
+    if spec.attention_bias:
+        keys += ["q_bias", "k_bias", "v_bias"]
+    if spec.qk_norm:
+        keys += ["q_norm", "k_norm"]
+    return keys
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def _main_method(rules: Rules, spec) -> str:
+    config = rules.resolve(spec.tensor_name("q_proj", 0))
+    return getattr(config, "method", "rtn") if config is not None else "float"
+
+
+def _plain(config):
+    return dataclasses.replace(config, method="rtn")
+
+
+def _rtn_if_calibrated(config):
+    """Tensors outside the calibrated layers (embeddings, lm_head) and GGUF tensors without
+    carryable blocks are quantized by round-to-nearest."""
+    return _plain(config) if getattr(config, "method", "rtn") in CALIBRATED + ("keep",) else config
+
+
+def _carry_kind(qt: QuantizedTensor) -> str:
+    return "decomposed" if qt.residual is not None else "carried"

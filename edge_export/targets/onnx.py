@@ -1,0 +1,43 @@
+"""The `onnx` target. Variant `ort`: onnxruntime's fused contrib ops, built from the weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import Target, register_target
+from .onnx_ort import build_ort_decoder, genai_config
+from .onnx_weights import weights_table
+
+MODEL_FILE = "model.onnx"
+
+
+def lower_ort(spec, weights, folder: Path, variant: str, options) -> dict:
+    """Write model.onnx (+ .data) and genai_config.json; return the manifest's graph and weights."""
+    build_ort_decoder(spec, weights, folder, max_context=options.max_context, kv_dtype=options.kv_cache,
+                      model_name=MODEL_FILE, accuracy_level=int(__import__("os").environ.get("EDGE_ACC", 4)))
+    eos = sorted(set(spec.eos_token_ids) | set(spec.generation.get("eos_token_ids", [])))
+    config = genai_config(spec, max_context=options.max_context, eos_ids=eos, bos_id=spec.bos_token_id,
+                          pad_id=eos[0] if eos else 0, model_name=MODEL_FILE)
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
+    graph = {"file": MODEL_FILE, "data": MODEL_FILE + ".data", "kv_dtype": options.kv_cache,
+             "accuracy_level": 4, "logits": "last", "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key",
+                                                              "past_key_values.{i}.value"],
+             "outputs": ["logits", "present.{i}.key", "present.{i}.value"]}
+    return {"graph": graph, "weights": weights_table(folder / MODEL_FILE, spec), "backend": "onnxruntime"}
+
+
+def _available() -> tuple[bool, str]:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False, "pip install onnxruntime"
+    return True, ""
+
+
+register_target(Target(
+    name="onnx",
+    variants={"ort": "onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention, "
+                     "SkipSimplifiedLayerNormalization); CPU, CUDA, mobile onnxruntime, onnxruntime-genai"},
+    needs="onnx to export, onnxruntime to run",
+    lower=lower_ort, available=_available, quant=("fp32", "int8", "int4"), backend="onnxruntime",
+    default_variant="ort"))

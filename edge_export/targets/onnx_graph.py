@@ -1,0 +1,110 @@
+"""An ONNX graph written node by node, its weights streamed to one external data file.
+
+:class:`GraphWriter` never holds a model's weights: ``weight(name, array)`` appends the array's
+bytes to ``<model>.data`` at once and keeps only a TensorProto that points at them (location,
+offset, length), so peak memory is whatever the caller holds at a time (one layer's tensors).
+Small constants (shapes, axes) are inlined and shared by value. Node outputs are named
+``{node name}/output_{i}``, so a graph diffs cleanly between exports.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSETS = {"": 21, "com.microsoft": 1}
+IR_VERSION = 10
+# Large tensors start on a 64 KiB boundary so onnxruntime can memory-map them; small ones on 64 B.
+BIG_TENSOR_BYTES, BIG_ALIGN, SMALL_ALIGN = 1 << 20, 1 << 16, 64
+
+
+class GraphWriter:
+    """Collects nodes, graph inputs/outputs and initializers; ``save()`` writes the .onnx file."""
+
+    def __init__(self, out_dir: str | Path, model_name: str = "model.onnx", graph_name: str = "model"):
+        self.out_dir = Path(out_dir)
+        self.model_name = model_name
+        self.data_name = model_name + ".data"
+        self.graph_name = graph_name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._constants: dict[tuple, str] = {}
+        self._names: set[str] = set()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._data = open(self.out_dir / self.data_name, "wb")
+        self._offset = 0
+
+    # ---- values ----------------------------------------------------------------------
+    def input(self, name: str, elem_type: int, shape: Sequence) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def output(self, name: str, elem_type: int, shape: Sequence) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Append ``array`` to the external data file; returns the initializer's name."""
+        self._claim(name)
+        array = np.ascontiguousarray(array)
+        align = BIG_ALIGN if array.nbytes >= BIG_TENSOR_BYTES else SMALL_ALIGN
+        pad = -self._offset % align
+        if pad:
+            self._data.write(b"\0" * pad)
+            self._offset += pad
+        self._data.write(array.tobytes())
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=array.shape, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self._offset += array.nbytes
+        self.initializers.append(tensor)
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small inline constant, shared by value: ``/model/constants/INT64/[1]``."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            type_name = TensorProto.DataType.Name(helper.np_dtype_to_tensor_dtype(array.dtype))
+            text = str(array.tolist()).replace(" ", "")
+            name = f"/model/constants/{type_name}/{text}"
+            self._claim(name)
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    # ---- nodes -----------------------------------------------------------------------
+    def node(self, op: str, inputs: Sequence[str], name: str, outputs: int | Sequence[str] = 1,
+             domain: str = "", **attrs):
+        """Add a node; returns its output name (one output) or the list of names."""
+        self._claim(name)
+        names = [f"{name}/output_{i}" for i in range(outputs)] if isinstance(outputs, int) else list(outputs)
+        self.nodes.append(helper.make_node(op, list(inputs), names, name=name, domain=domain or None, **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def _claim(self, name: str) -> None:
+        if name in self._names:
+            raise ValueError(f"ONNX graph: the name {name!r} is used twice")
+        self._names.add(name)
+
+    # ---- output ----------------------------------------------------------------------
+    def save(self, producer: str = "edge-export") -> list[str]:
+        """Close the data file, write the .onnx file; returns both names (relative)."""
+        self._data.close()
+        graph = helper.make_graph(self.nodes, self.graph_name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in OPSETS.items()],
+                                  producer_name=producer, ir_version=IR_VERSION)
+        (self.out_dir / self.model_name).write_bytes(model.SerializeToString())
+        return [self.model_name, self.data_name]
+
+    def abort(self) -> None:
+        """After a failure: close and delete the partial data file."""
+        self._data.close()
+        (self.out_dir / self.data_name).unlink(missing_ok=True)
