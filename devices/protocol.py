@@ -43,6 +43,15 @@ def ids_digest(ids) -> str:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB. VmHWM belongs to the address space, so unlike
+    ru_maxrss it does not inherit the parent's peak when a large process spawns the benchmark."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

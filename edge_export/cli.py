@@ -107,9 +107,14 @@ TARGET_HELP = """Targets and variants:
 @click.option("--target", default="onnx", show_default=True, help="onnx | coreml | tensorrt (see below).")
 @click.option("--variant", help="ort (default for onnx) | portable | qnn.")
 @click.option("--quant", type=click.Choice(["int4", "int8", "fp8", "fp16", "fp32"]), default="int4", show_default=True)
-@click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]), default="rtn", show_default=True,
-              help="int4 method; keep carries a GGUF's quantized blocks as they are.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]),
+              help="int4 method; keep (the default for a GGUF) carries its quantized blocks as they are; "
+                   "rtn is the default otherwise.")
+@click.option("--head", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True,
+              help="lm_head (and a tied embedding): int8 per row keeps logits accurate; int4 is smaller and faster.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="int4 group; where it does not divide a tensor's input width the largest that does is used "
+                   "(recorded in the manifest).")
 @click.option("--asymmetric", is_flag=True, help="int4 with zero points.")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
 @click.option("--max-context", default=2048, show_default=True, help="Positions the KV cache holds.")
@@ -120,12 +125,12 @@ TARGET_HELP = """Targets and variants:
 @click.option("--min-top1", type=float, help="Verification threshold on top1_agreement (default 0.70).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at OUT (atomically).")
 @click.option("--json", "as_json", is_flag=True)
-def export(checkpoint, out, target, variant, quant, method, group_size, asymmetric, act_order, max_context,
+def export(checkpoint, out, target, variant, quant, method, head, group_size, asymmetric, act_order, max_context,
            kv_cache, calibration, no_verify, max_kl, min_top1, overwrite, as_json):
     """Quantize CHECKPOINT, lower it to a target, verify it, and publish an artifact at OUT."""
     from .export import ExportOptions, export as run_export
     options = ExportOptions(target=target, variant=variant, quant=quant, method=method, group_size=int(group_size),
-                            symmetric=not asymmetric, act_order=act_order, max_context=max_context,
+                            symmetric=not asymmetric, act_order=act_order, head=head, max_context=max_context,
                             kv_cache={"fp32": "float32", "fp16": "float16"}[kv_cache], calibration=calibration,
                             verify=not no_verify, overwrite=overwrite,
                             **{k: v for k, v in (("max_kl", max_kl), ("min_top1", min_top1)) if v is not None})
@@ -135,7 +140,8 @@ def export(checkpoint, out, target, variant, quant, method, group_size, asymmetr
                    if k in manifest})
         return
     mb = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
-    line = f"wrote {out}: {manifest['target']}/{manifest['variant']}, {quant} {method}, {mb:,.1f} MiB"
+    line = (f"wrote {out}: {manifest['target']}/{manifest['variant']}, {quant} "
+            f"{manifest['quantization']['method']}, {mb:,.1f} MiB")
     if "verification" in manifest:
         v = manifest["verification"]
         line += f"; kl_mean {v['kl_mean']:.4f}, top1_agreement {v['top1_agreement']:.3f}"
@@ -222,7 +228,8 @@ def chat(artifact, backend, provider, threads, max_new_tokens, thinking_budget, 
 @click.argument("candidate")
 @click.option("--reference", required=True, help="The original checkpoint (folder, .gguf or smollm2-135m).")
 @click.option("--quant", type=click.Choice(["int4", "int8", "fp8", "fp16", "fp32"]), default="int4", show_default=True)
-@click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]), default="rtn", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]), help="Default: keep for a GGUF, else rtn.")
+@click.option("--head", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True)
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True)
 @click.option("--calibration", type=click.Path(dir_okay=False))
@@ -231,13 +238,13 @@ def chat(artifact, backend, provider, threads, max_new_tokens, thinking_budget, 
 @click.option("--questions", is_flag=True, help="Also count same answers on 40 short chat questions.")
 @click.option("--threads", type=int)
 @click.option("--json", "as_json", is_flag=True)
-def eval_(candidate, reference, quant, method, group_size, asymmetric, calibration, prompts, no_ppl, questions,
+def eval_(candidate, reference, quant, method, head, group_size, asymmetric, calibration, prompts, no_ppl, questions,
           threads, as_json):
     """How closely CANDIDATE (an artifact, or a checkpoint with --quant applied) answers like --reference."""
     from .evaluate import evaluate
     from .export import ExportOptions
-    options = ExportOptions(quant=quant, method=method, group_size=int(group_size), symmetric=not asymmetric,
-                            calibration=calibration, threads=threads)
+    options = ExportOptions(quant=quant, method=method, head=head, group_size=int(group_size),
+                            symmetric=not asymmetric, calibration=calibration, threads=threads)
     figures = evaluate(candidate, reference, options, prompts=prompts, ppl=not no_ppl, questions=questions)
     if as_json:
         emit_json(figures)

@@ -24,7 +24,9 @@ def candidate_scorer(candidate: str, reference_ckpt, options):
         return RuntimeScorer(rt.backend), {"artifact": str(candidate), "backend": rt.backend.name}
     from .export import calibration_ids, quant_rules
     from .quantize import QuantizedWeights
+    from .export import resolve_method
     ckpt = reference_ckpt if candidate == str(reference_ckpt.path) else open_checkpoint(candidate)
+    options = resolve_method(options, ckpt)
     calibration = calibration_ids(ckpt.tokenizer, options.calibration) if options.method in ("awq", "gptq") else None
     weights = QuantizedWeights(ckpt, quant_rules(options), calibration)
     held = {name: weights.dequantized(name) for name in ckpt.spec.tensor_shapes()}

@@ -35,12 +35,14 @@ class ExportOptions:
     target: str = "onnx"
     variant: str | None = None
     quant: str = "int4"  # fp32 | fp16 | int8 | int4 | fp8
-    method: str = "rtn"  # rtn | awq | gptq | keep (int4)
+    method: str | None = None  # rtn | awq | gptq | keep (int4); None: keep for a GGUF, else rtn
     group_size: int = 32
     symmetric: bool = True
     act_order: bool = False
+    head: str = "int8"  # lm_head (and a tied embedding): int8 per row | int4 (the main scheme) | float
     max_context: int = 2048
     kv_cache: str = "float32"
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast on CPU), 0 = exact float
     calibration: str | None = None
     verify: bool = True
     max_kl: float = MAX_KL
@@ -48,6 +50,14 @@ class ExportOptions:
     prompts: str | None = None
     overwrite: bool = False
     threads: int | None = None
+
+
+def resolve_method(options: ExportOptions, ckpt) -> ExportOptions:
+    """Weights that arrive quantized (GGUF) are carried as they are unless a method is asked for."""
+    if options.method is not None:
+        return options
+    from dataclasses import replace
+    return replace(options, method="keep" if ckpt.format == "gguf" and options.quant == "int4" else "rtn")
 
 
 def quant_rules(options: ExportOptions) -> Rules:
@@ -64,7 +74,15 @@ def quant_rules(options: ExportOptions) -> Rules:
         config = Fp8Config()
     else:
         raise ExportError(f"--quant '{options.quant}' is not one of fp32, fp16, int8, int4, fp8")
-    return default_rules(config)
+    rules = default_rules(config)
+    if options.head == "int8":
+        return rules
+    if options.head not in ("int4", "float"):
+        raise ExportError(f"--head '{options.head}' must be int8, int4 or float")
+    head = None if options.head == "float" else config
+    if options.head == "int4" and not isinstance(config, Int4Config):
+        raise ExportError("--head int4 needs --quant int4")
+    return Rules((("lm_head.weight", head), ("model.embed_tokens.weight", head)) + rules.rules)
 
 
 def calibration_ids(tokenizer, path: str | None) -> list[list[int]]:
@@ -92,6 +110,7 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
                           f"(it takes: {', '.join(target.quant)})")
     t0 = time.perf_counter()
     ckpt = open_checkpoint(checkpoint)
+    options = resolve_method(options, ckpt)
     rules = quant_rules(options)
     with staging_folder(out, options.overwrite) as staging:
         calibration = None

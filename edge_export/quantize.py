@@ -85,7 +85,7 @@ class QuantizedWeights:
     def _single(self, name: str):
         source = self.spec.tensor_name("embed") if (
             name == self.spec.tensor_name("lm_head") and self.spec.tied_embeddings) else name
-        config = self.rules.resolve(name)
+        config = self.config(name)
         if config is None:
             self.records[name] = TensorRecord(None, "float")
             return self.ckpt.tensor(source)
@@ -105,7 +105,7 @@ class QuantizedWeights:
         blocks = self.ckpt.quantized_blocks(name)
         if blocks is None:
             return None
-        return quantizers.from_gguf_blocks(blocks.kind, blocks.d, blocks.q, getattr(blocks, "m", None))
+        return quantizers.from_gguf_blocks(blocks.ggml_type, blocks.d, blocks.codes, blocks.m)
 
     # ---- a whole layer -----------------------------------------------------------------
     def _quantize_layer(self, i: int) -> None:
@@ -127,8 +127,24 @@ class QuantizedWeights:
         if self._hidden is not None:
             self._advance(i, out, names)
 
-    def _linear(self, name: str, weight, stats, key: str):
+    def config(self, name: str):
+        """The rule's config for ``name``, its group size lowered to the largest supported one that
+        divides the tensor's input width when the asked one does not (SmolLM2's 576 under 128 -> 64);
+        the group actually used is what the manifest records."""
         config = self.rules.resolve(name)
+        group = getattr(config, "group_size", None)
+        k = self.spec.tensor_shapes()[name][-1]
+        if group and k % group:
+            fitted = quantizers.fallback_group_size(k, group)
+            if fitted is None:
+                raise ExportError(f"tensor {name}: no supported group size divides its input width {k}; "
+                                  "keep it wider with a rule, or use int8")
+            log.info("%s: group size %d does not divide %d, using %d", name, group, k, fitted)
+            config = dataclasses.replace(config, group_size=fitted)
+        return config
+
+    def _linear(self, name: str, weight, stats, key: str):
+        config = self.config(name)
         if config is None or getattr(config, "method", "rtn") not in CALIBRATED or stats is None:
             return self._single(name)
         point = next(p for p, keys in POINTS.items() if key in keys)
@@ -151,7 +167,8 @@ class QuantizedWeights:
 
     def _awq_layer(self, i: int, lw: LayerWeights, stats: dict[str, Stats], names: dict) -> dict:
         """AWQ with every input scale folded exactly into the op that produces that input."""
-        config, spec, out = self.rules.resolve(names["q_proj"]), self.spec, {}
+        spec, out = self.spec, {}
+        config = self.config(names["q_proj"])
         q, k, v = awq_quantize_shared([lw["q_proj"], lw["k_proj"], lw["v_proj"]], config, stats["qkv"],
                                       [names["q_proj"], names["k_proj"], names["v_proj"]])
         attn_norm = lw["attn_norm"] / q.input_scale
@@ -160,15 +177,19 @@ class QuantizedWeights:
         group = spec.num_heads // spec.num_kv_heads
         mean_abs = stats["o"].mean_abs.reshape(spec.num_kv_heads, group, spec.head_dim).mean(1)
         mean_abs = np.repeat(mean_abs[:, None, :], group, axis=1).reshape(-1)
-        s_o = awq_search_shared([lw["o_proj"]], stats["o"].sample, config, mean_abs)
-        o = quantizers.quantize(lw["o_proj"] * s_o, _plain(config), names["o_proj"])
+        s_o = awq_search_shared([lw["o_proj"]], stats["o"].sample, self.config(names["o_proj"]), mean_abs)
+        o_config = self.config(names["o_proj"])
+        o = quantizers.quantize(lw["o_proj"] * s_o, _plain(o_config), names["o_proj"])
+        o = dataclasses.replace(o, scheme=o_config.to_dict())  # AWQ-scaled, then rounded
         s_v = s_o.reshape(spec.num_kv_heads, group, spec.head_dim)[:, 0].reshape(-1)
         v = v.scale_rows(1.0 / s_v)
         gate, up = awq_quantize_shared([lw["gate_proj"], lw["up_proj"]], config, stats["gate_up"],
                                        [names["gate_proj"], names["up_proj"]])
         mlp_norm = lw["mlp_norm"] / gate.input_scale
-        s_down = awq_search_shared([lw["down_proj"]], stats["down"].sample, config, stats["down"].mean_abs)
-        down = quantizers.quantize(lw["down_proj"] * s_down, _plain(config), names["down_proj"])
+        down_config = self.config(names["down_proj"])
+        s_down = awq_search_shared([lw["down_proj"]], stats["down"].sample, down_config, stats["down"].mean_abs)
+        down = quantizers.quantize(lw["down_proj"] * s_down, _plain(down_config), names["down_proj"])
+        down = dataclasses.replace(down, scheme=down_config.to_dict())
         up = up.scale_rows(1.0 / s_down)
         for key, qt in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o), ("gate_proj", gate),
                         ("up_proj", up), ("down_proj", down)):

@@ -72,3 +72,44 @@ def test_full_fixture_refuses_when_disk_is_too_small(tmp_path):
     out = CliRunner().invoke(main, ["fixture", "--preset", "r1-distill-llama-70b", "--scale", "full", "-o", str(tmp_path / "big")])
     assert out.exit_code == 2 and "needs 141.1 GB of disk" in out.output
     assert not (tmp_path / "big").exists()
+
+
+def test_export_run_bench_eval_commands(tiny_llama, tmp_path):
+    art = tmp_path / "art"
+    out = run("export", str(tiny_llama), "-o", str(art), "--quant", "int4", "--min-top1", "0", "--max-kl", "100")
+    assert out.exit_code == 0 and "wrote" in out.output and "kl_mean" in out.output
+    again = CliRunner().invoke(main, ["export", str(tiny_llama), "-o", str(art)])
+    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
+    out = run("run", str(art), "hello", "--json", "--temperature", "0", "--max-new-tokens", "8")
+    result = json.loads(out.output)
+    assert set(result) >= {"thinking", "answer", "new_tokens", "thinking_tokens", "ttft_ms", "decode_tok_s"}
+    out = run("run", str(art), "hello", "--backend", "reference", "--temperature", "0", "--max-new-tokens", "4")
+    assert out.exit_code == 0
+    out = run("bench", str(art), "--device", "host", "--prompt-tokens", "16", "--new-tokens", "8", "--runs", "2",
+              "--warmup", "0", "--json")
+    bench = json.loads(out.output)
+    assert bench["measured"] is True and bench["runs"] == 2 and bench["new_tokens"] == 8
+    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "model_bytes"):
+        assert bench[key] > 0
+    out = run("eval", str(art), "--reference", str(tiny_llama), "--json", "--no-ppl")
+    figures = json.loads(out.output)
+    assert 0 <= figures["top1_agreement"] <= 1 and figures["kl_mean"] >= 0 and figures["positions"] > 0
+
+
+def test_run_refuses_a_tampered_artifact(tiny_llama, tmp_path):
+    art = tmp_path / "art"
+    run("export", str(tiny_llama), "-o", str(art), "--quant", "fp32", "--no-verify")
+    (art / "tokenizer.json").write_text("{}")
+    out = CliRunner().invoke(main, ["run", str(art), "hi"])
+    assert out.exit_code == 2
+    assert out.output.strip().splitlines() == [
+        f"error: {art / 'tokenizer.json'}: {2} bytes, the manifest says "
+        f"{json.loads((art / 'edge_manifest.json').read_text())['files']['tokenizer.json']['bytes']}; "
+        "the file was modified or truncated, re-export the artifact"]
+
+
+def test_run_prompt_longer_than_context(tiny_llama, tmp_path):
+    art = tmp_path / "art"
+    run("export", str(tiny_llama), "-o", str(art), "--quant", "fp32", "--no-verify", "--max-context", "16")
+    out = CliRunner().invoke(main, ["run", str(art), "word " * 40])
+    assert out.exit_code == 2 and "shorten the prompt or re-export with a larger --max-context" in out.output

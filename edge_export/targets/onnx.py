@@ -14,13 +14,13 @@ MODEL_FILE = "model.onnx"
 def lower_ort(spec, weights, folder: Path, variant: str, options) -> dict:
     """Write model.onnx (+ .data) and genai_config.json; return the manifest's graph and weights."""
     build_ort_decoder(spec, weights, folder, max_context=options.max_context, kv_dtype=options.kv_cache,
-                      model_name=MODEL_FILE, accuracy_level=int(__import__("os").environ.get("EDGE_ACC", 4)))
+                      model_name=MODEL_FILE, accuracy_level=options.accuracy_level)
     eos = sorted(set(spec.eos_token_ids) | set(spec.generation.get("eos_token_ids", [])))
     config = genai_config(spec, max_context=options.max_context, eos_ids=eos, bos_id=spec.bos_token_id,
                           pad_id=eos[0] if eos else 0, model_name=MODEL_FILE)
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
     graph = {"file": MODEL_FILE, "data": MODEL_FILE + ".data", "kv_dtype": options.kv_cache,
-             "accuracy_level": 4, "logits": "last", "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key",
+             "accuracy_level": options.accuracy_level, "logits": "last", "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key",
                                                               "past_key_values.{i}.value"],
              "outputs": ["logits", "present.{i}.key", "present.{i}.value"]}
     return {"graph": graph, "weights": weights_table(folder / MODEL_FILE, spec), "backend": "onnxruntime"}

@@ -1,0 +1,117 @@
+"""export -> artifact -> runtime, on tiny checkpoints of every architecture."""
+import json
+
+import numpy as np
+import pytest
+
+import runtimes
+from edge_export.export import ExportOptions, export
+from edge_export.errors import ExportError, VerificationError
+from runtimes.errors import ArtifactError
+
+LOOSE = dict(max_kl=100.0, min_top1=0.0)  # random tiny weights: verification runs, its figures are not judged
+
+
+@pytest.fixture(scope="module")
+def fp32_artifacts(tmp_path_factory, request):
+    return {}
+
+
+def exported(checkpoint, folder, **options):
+    manifest = export(checkpoint, folder, ExportOptions(**{**LOOSE, **options}))
+    return folder, manifest
+
+
+def test_fp32_artifact_matches_reference_backend(tiny_checkpoint, tmp_path):
+    folder, manifest = exported(tiny_checkpoint, tmp_path / "fp32", quant="fp32")
+    assert manifest["target"] == "onnx" and manifest["variant"] == "ort"
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"} \
+        <= set(manifest["files"])
+    assert manifest["verification"]["top1_agreement"] == 1.0 and manifest["verification"]["kl_mean"] < 1e-6
+    ort_rt, ref_rt = runtimes.load(folder), runtimes.load(folder, backend="reference")
+    ids = list(range(5, 25))
+    a, b = ort_rt.backend.prefill(ids), ref_rt.backend.prefill(ids)
+    assert np.abs(a - b).max() < 1e-4
+    for t in (3, 9, 11):
+        assert np.abs(ort_rt.backend.decode(t) - ref_rt.backend.decode(t)).max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_int4_artifact_computes_its_own_weights(tiny_llama, tmp_path, method):
+    """With exact float activations the graph equals the reference run on the stored int4 weights."""
+    folder, manifest = exported(tiny_llama, tmp_path / method, quant="int4", method=method, accuracy_level=0)
+    records = manifest["quantization"]["tensors"]
+    assert records["model.layers.0.mlp.down_proj.weight"]["scheme"]["method"] == method
+    assert records["model.layers.0.input_layernorm.weight"]["scheme"] is None
+    ort_rt, ref_rt = runtimes.load(folder), runtimes.load(folder, backend="reference")
+    ids = list(range(5, 30))
+    assert np.abs(ort_rt.backend.prefill(ids) - ref_rt.backend.prefill(ids)).max() < 1e-3
+
+
+def test_generate_result_and_stream(tiny_llama, tmp_path):
+    folder, _ = exported(tiny_llama, tmp_path / "a", quant="int4")
+    rt = runtimes.load(folder)
+    result = rt.generate("hello", temperature=0, max_new_tokens=12)
+    assert result.new_tokens <= 12 and result.ttft_ms > 0
+    events = list(rt.stream("hello", temperature=0.6, top_p=0.95, seed=1, max_new_tokens=12))
+    assert {e.kind for e in events} <= {"thinking", "answer", "tag"}
+
+
+def test_group_size_fallback_is_recorded(tiny_llama, tmp_path):
+    """128 divides the tiny model's widths; the record shows the group actually used."""
+    _, manifest = exported(tiny_llama, tmp_path / "g", quant="int4", group_size=128, verify=False)
+    assert manifest["quantization"]["tensors"]["model.layers.0.self_attn.q_proj.weight"]["scheme"]["group_size"] == 128
+
+
+def test_verification_failure_leaves_nothing(tiny_llama, tmp_path):
+    with pytest.raises(VerificationError, match="verification failed: kl_mean .* nothing was written"):
+        export(tiny_llama, tmp_path / "bad", ExportOptions(quant="int4", min_top1=1.01))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_artifact_is_never_touched(tiny_llama, tmp_path):
+    folder, _ = exported(tiny_llama, tmp_path / "a", quant="fp32", verify=False)
+    before = (folder / "edge_manifest.json").read_text()
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+        export(tiny_llama, folder, ExportOptions(quant="int4", verify=False))
+    assert (folder / "edge_manifest.json").read_text() == before
+    export(tiny_llama, folder, ExportOptions(quant="int4", verify=False, overwrite=True))
+    assert json.loads((folder / "edge_manifest.json").read_text())["quantization"]["quant"] == "int4"
+
+
+def test_scheme_the_target_cannot_carry(tiny_llama, tmp_path):
+    with pytest.raises(ExportError, match="--quant fp8 cannot be carried by target onnx"):
+        export(tiny_llama, tmp_path / "x", ExportOptions(quant="fp8"))
+
+
+def test_keep_needs_a_gguf(tiny_llama, tmp_path):
+    with pytest.raises(ExportError, match="--method keep carries a GGUF's quantized blocks"):
+        export(tiny_llama, tmp_path / "x", ExportOptions(quant="int4", method="keep"))
+
+
+def test_tampered_artifact_is_refused(tiny_llama, tmp_path):
+    folder, _ = exported(tiny_llama, tmp_path / "a", quant="int4", verify=False)
+    data = folder / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="model.onnx.data: sha256 does not match"):
+        runtimes.load(folder)
+
+
+def test_onnxruntime_genai_runs_the_artifact(tiny_llama, tmp_path):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    folder, _ = exported(tiny_llama, tmp_path / "a", quant="int4", verify=False)
+    rt = runtimes.load(folder)
+    prompt = list(range(10, 30))
+    ours = rt.generator.generate(prompt, runtimes.Sampling(max_new_tokens=10, ignore_eos=True)).tokens
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 10, min_length=len(prompt) + 10)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert theirs[:10] == ours
