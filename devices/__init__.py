@@ -1,5 +1,5 @@
 """Devices: where a benchmark runs, the benchmark protocol, device profiles and the roofline."""
-from . import host  # noqa: F401  (registration side effect)
+from . import estimate, host  # noqa: F401  (registration side effects)
 from .registry import Device, parse_device, register_device
 
 

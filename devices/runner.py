@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     import runtimes
     from runtimes.errors import EdgeError
 
+    from .estimate import artifact_target
     from .protocol import run_protocol
     try:
         rt = runtimes.load(args.artifact, backend=args.backend, provider=args.provider, threads=args.threads)
@@ -32,7 +33,10 @@ def main(argv=None) -> int:
     except EdgeError as e:
         print(json.dumps({"error": str(e)}))
         return 2
-    result.update(backend=rt.backend.name, threads=args.threads, model_bytes=rt.artifact.model_bytes)
+    manifest = rt.artifact.manifest
+    result.update(backend=rt.backend.name, threads=args.threads, model_bytes=rt.artifact.model_bytes,
+                  artifact=rt.artifact.path.name, target=artifact_target(manifest),
+                  quant=(manifest.get("quantization") or {}).get("quant"))
     print(json.dumps(result))
     return 0
 

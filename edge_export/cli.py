@@ -91,21 +91,17 @@ def quickstart(out: str) -> None:
 TARGET_HELP = """Targets and variants:
 
 \b
-  onnx/ort       onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention): CPU, CUDA,
-                 mobile onnxruntime, onnxruntime-genai. The default.
-  onnx/portable  standard ONNX ops only (blocked DequantizeLinear, float8 Q/DQ): what TensorRT and
-                 NPU compilers ingest.
-  onnx/qnn       QDQ form with static shapes for the Qualcomm Hexagon NPU (QNN execution provider).
-  coreml         ML Program for iOS 18 / macOS 15, KV cache as state, block-wise int4.
-  tensorrt       portable ONNX plus what builds the engine on the device.
+  onnx/ort   onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention with one shared KV
+             buffer, SkipSimplifiedLayerNormalization), plus genai_config.json: CPU, CUDA, mobile
+             onnxruntime and onnxruntime-genai run it as it is.
 """
 
 
 @main.command(epilog=TARGET_HELP)
 @click.argument("checkpoint")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
-@click.option("--target", default="onnx", show_default=True, help="onnx | coreml | tensorrt (see below).")
-@click.option("--variant", help="ort (default for onnx) | portable | qnn.")
+@click.option("--target", default="onnx", show_default=True, help="Target to lower to (see below).")
+@click.option("--variant", help="Variant of the target (default: ort for onnx).")
 @click.option("--quant", type=click.Choice(["int4", "int8", "fp8", "fp16", "fp32"]), default="int4", show_default=True)
 @click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]),
               help="int4 method; keep (the default for a GGUF) carries its quantized blocks as they are; "
@@ -258,7 +254,8 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cal
 
 @main.command()
 @click.argument("artifact")
-@click.option("--device", "device", default="host", show_default=True, help="host (more kinds: see `devices`).")
+@click.option("--device", "device", default="host", show_default=True,
+              help="host, or estimate:PROFILE for a roofline estimate (profiles: `edge-export devices`).")
 @click.option("--prompt-tokens", default=128, show_default=True)
 @click.option("--new-tokens", default=128, show_default=True)
 @click.option("--runs", default=5, show_default=True)
@@ -275,9 +272,49 @@ def bench(artifact, device, prompt_tokens, new_tokens, runs, warmup, threads, ba
     if as_json:
         emit_json(result)
         return
+    if result.get("estimated"):
+        click.echo(f"{result['device']} (estimate, not measured): TTFT {result['ttft_ms']:.1f} ms, decode "
+                   f"{result['decode_tok_s']:.1f} tok/s, memory {result['peak_rss_mb']:.0f} MB of a "
+                   f"{result['budget_mb']:.0f} MB budget ({result['method']['engine']} roofline)")
+        return
     click.echo(f"{device}: TTFT {result['ttft_ms']:.1f} ms ({result['prefill_tok_s']:.0f} tok/s prefill), "
                f"decode {result['decode_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MB, "
                f"model {result['model_bytes'] / 2**20:.1f} MiB ({result['runs']} runs, medians)")
+
+
+@main.command(name="devices")
+@click.option("--json", "as_json", is_flag=True, help="Every figure with its source.")
+def devices_(as_json: bool) -> None:
+    """Device profiles (spec sheets with sources) for `plan` and `bench --device estimate:NAME`."""
+    from devices.profiles import list_profiles, render_profiles
+    profiles = list_profiles()
+    emit_json([p.to_dict() for p in profiles]) if as_json else click.echo(render_profiles(profiles))
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--device", "device", required=True, help="A profile from `edge-export devices` (e.g. jetson-orin-nano-8gb).")
+@click.option("--context", default=8192, show_default=True, help="Tokens of context the KV cache must hold.")
+@click.option("--trace-tokens", default=4000, show_default=True, help="Length of the reasoning trace to time.")
+@click.option("--json", "as_json", is_flag=True)
+def plan(checkpoint, device, context, trace_tokens, as_json):
+    """Which quantization and target to export for a device: sizes, fit and estimated speed.
+
+    CHECKPOINT is a folder, a .gguf, or a preset (r1-distill-qwen-7b or preset:r1-distill-qwen-7b),
+    so no weights are needed to plan.
+    """
+    from .plan import plan as make_plan, render_plan
+    result = make_plan(checkpoint, device, context=context, trace_tokens=trace_tokens)
+    emit_json(result) if as_json else click.echo(render_plan(result))
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="report.html or report.md")
+def report(results, out):
+    """A report of bench results (`bench --json` output): table and charts; estimates marked."""
+    from .report import write_report
+    click.echo(f"wrote {write_report(list(results), out)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,7 +21,8 @@ def candidate_scorer(candidate: str, reference_ckpt, options):
         import runtimes
         rt = runtimes.load(candidate, backend=options.backend if hasattr(options, "backend") else None,
                            threads=options.threads)
-        return RuntimeScorer(rt.backend), {"artifact": str(candidate), "backend": rt.backend.name}
+        return RuntimeScorer(rt.backend), {"artifact": str(candidate), "backend": rt.backend.name,
+                                           "model_bytes": rt.artifact.model_bytes}
     from .export import calibration_ids, quant_rules
     from .quantize import QuantizedWeights
     from .export import resolve_method
@@ -43,6 +44,8 @@ def _stored_bytes(weights, ckpt) -> int:
         record = weights.records.get(name)
         config = scheme_from_dict(record.scheme) if record and record.scheme else None
         total += tensor_bytes(shape, config, 4)
+        if record and record.source == "decomposed":  # GGUF Q4_1's per-block float residual
+            total += shape[0] * (shape[-1] // 32) * 4
     return total
 
 

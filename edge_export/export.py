@@ -172,7 +172,7 @@ def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
 
     from .verify import LayerMajorScorer, RuntimeScorer, compare, encode_prompts, load_prompts
     prompts = encode_prompts(ckpt.tokenizer, load_prompts(options.prompts))
-    reference = LayerMajorScorer(ckpt.spec, ckpt.tensor)
+    reference = LayerMajorScorer(ckpt.spec, ckpt.tensor, rows=lambda name, rows: ckpt.tensor(name, rows=rows))
     ref_tokens, ref_logprobs = reference.greedy(prompts, 32)
     del reference
     from runtimes.artifact import read_manifest

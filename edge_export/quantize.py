@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 POINTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
 CALIBRATED = ("awq", "gptq")
+CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 at a time for row-chunked quantization
 
 
 @dataclass
@@ -61,8 +62,9 @@ class QuantizedWeights:
                               f"{checkpoint.format} checkpoint with float weights: use rtn, awq or gptq")
         self._hidden = None
         if self.method in CALIBRATED:
-            embed = checkpoint.tensor(self.spec.tensor_name("embed"))
-            self._hidden = [embed[np.asarray(ids)] for ids in calibration]
+            name = self.spec.tensor_name("embed")
+            self._hidden = [np.stack([checkpoint.tensor(name, rows=slice(int(t), int(t) + 1))[0] for t in ids])
+                            for ids in calibration]  # gathered row by row: the table is never whole
             self._tables = [rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling,
                                          np.arange(len(ids))) for ids in calibration]
 
@@ -94,9 +96,22 @@ class QuantizedWeights:
             self.records[name] = TensorRecord(carried.scheme, _carry_kind(carried))
             return carried
         config = _rtn_if_calibrated(config)
-        qt = quantizers.quantize(self.ckpt.tensor(source), config, name)
+        qt = self._quantize_rows(source, name, config)
         self.records[name] = TensorRecord(qt.scheme, "requantized" if self.method == "keep" else "quantized")
         return qt
+
+    def _quantize_rows(self, source: str, name: str, config) -> QuantizedTensor:
+        """Quantize a tensor; one whose rows quantize independently (RTN int4/int8, per-channel
+        fp8) and that is large (a 150k-row embedding) goes in row chunks, so its float32 copy is
+        never whole in memory."""
+        rows, cols = self.spec.tensor_shapes()[name if name in self.spec.tensor_shapes() else source]
+        separable = not (getattr(config, "scheme", "") == "fp8" and not config.per_channel)
+        if rows * cols <= CHUNK_ELEMENTS or not separable:
+            return quantizers.quantize(self.ckpt.tensor(source), config, name)
+        step = max(1, CHUNK_ELEMENTS // cols)
+        parts = [quantizers.quantize(self.ckpt.tensor(source, rows=slice(r, r + step)), config, name)
+                 for r in range(0, rows, step)]
+        return _concat_rows(parts)
 
     def _carry(self, name: str, config):
         """With --method keep, any tensor the rules quantize keeps its GGUF blocks if it has them."""
@@ -240,6 +255,15 @@ def _rtn_if_calibrated(config):
     """Tensors outside the calibrated layers (embeddings, lm_head) and GGUF tensors without
     carryable blocks are quantized by round-to-nearest."""
     return _plain(config) if getattr(config, "method", "rtn") in CALIBRATED + ("keep",) else config
+
+
+def _concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    def cat(field):
+        values = [getattr(p, field) for p in parts]
+        return None if values[0] is None else np.concatenate(values)
+    first = parts[0]
+    return dataclasses.replace(first, q=cat("q"), scales=cat("scales"), zero_points=cat("zero_points"),
+                               residual=cat("residual"), shape=(sum(p.shape[0] for p in parts), first.shape[1]))
 
 
 def _carry_kind(qt: QuantizedTensor) -> str:

@@ -2,7 +2,8 @@
 
 Inspect the checkpoint, export it to int4 ONNX (its GGUF Q4_1 blocks carried exactly), verify
 the artifact against the float reference, answer a question through the runtime, and benchmark
-it on this host. Each step prints one line as it finishes.
+it on this host, estimate two devices from their spec sheets, and write report.html. Each step prints
+one line as it finishes.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 
 MODEL = "smollm2-135m"
 QUESTION = "What is 2+3?"
+ESTIMATED = ("snapdragon-8-elite", "jetson-orin-nano-super")
 
 
 class _Steps:
@@ -49,4 +51,14 @@ def run_quickstart(out: str | Path, echo: Callable[[str], None] = print) -> dict
     (out / "bench_host.json").write_text(json.dumps(bench, indent=2))
     steps.done(f"benchmarked on this host (128 prompt + 128 new tokens, 2 threads, median of 3): TTFT "
                f"{bench['ttft_ms']:.0f} ms, decode {bench['decode_tok_s']:.0f} tok/s, peak RSS {bench['peak_rss_mb']:.0f} MB")
+    paths = [out / "bench_host.json"]
+    for profile in ESTIMATED:
+        estimate = devices.bench(str(artifact), f"estimate:{profile}")
+        paths.append(out / f"bench_{profile}.json")
+        paths[-1].write_text(json.dumps(estimate, indent=2))
+        steps.done(f"estimated on {profile} (roofline, not measured): decode {estimate['decode_tok_s']:.0f} tok/s, "
+                   f"TTFT {estimate['ttft_ms']:.0f} ms")
+    from .report import write_report
+    report = write_report([str(p) for p in paths], str(out / "report.html"))
+    steps.done(f"wrote {report}")
     return {"inspect": info, "verification": v, "answer": result.answer, "bench": bench}

@@ -88,6 +88,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return (z - np.log(np.exp(z).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
+VOCAB_CHUNK_ELEMENTS = 1 << 24
 HOLD_BYTES = 1 << 30  # models whose float32 weights fit in this are held, not re-read every step
 
 
@@ -98,28 +99,47 @@ class LayerMajorScorer:
     each layer when it is needed, so memory stays at about one layer.
     """
 
-    def __init__(self, spec, weights, hold: bool | None = None):
+    def __init__(self, spec, weights, hold: bool | None = None, rows=None):
         self.spec = spec
         if hold is None:
             hold = spec.parameter_count * 4 <= HOLD_BYTES
+        self.hold = hold
         self.weights = _memoize(weights) if hold else weights
+        # rows(name, slice) reads part of a tensor (a Checkpoint's tensor does): embeddings are
+        # gathered and lm_head applied a vocabulary chunk at a time instead of whole in float32
+        self.rows = None if hold else rows
 
     def _global(self, key: str) -> np.ndarray:
         name = self.spec.tensor_name("embed" if key == "lm_head" and self.spec.tied_embeddings else key)
         return self.weights(name)
 
     def _head(self, hs: list[np.ndarray]) -> list[np.ndarray]:
-        norm, head = self._global("final_norm"), self._global("lm_head")
-        return [rms_norm(h, norm, self.spec.rms_norm_eps) @ head.T for h in hs]
+        norm = self._global("final_norm")
+        xs = [rms_norm(h, norm, self.spec.rms_norm_eps) for h in hs]
+        if self.rows is None:
+            head = self._global("lm_head")
+            return [x @ head.T for x in xs]
+        name = self.spec.tensor_name("embed" if self.spec.tied_embeddings else "lm_head")
+        out = [np.empty((x.shape[0], self.spec.vocab_size), np.float32) for x in xs]
+        step = max(1, VOCAB_CHUNK_ELEMENTS // self.spec.hidden_size)
+        for start in range(0, self.spec.vocab_size, step):
+            chunk = self.rows(name, slice(start, start + step))
+            for x, o in zip(xs, out):
+                o[:, start:start + step] = x @ chunk.T
+        return out
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        if self.rows is None:
+            return self._global("embed")[ids]
+        name = self.spec.tensor_name("embed")
+        return np.stack([self.rows(name, slice(int(i), int(i) + 1))[0] for i in ids])
 
     def _tables(self, lengths: list[int], starts: list[int]) -> list:
         return [rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling, np.arange(s, s + n))
                 for n, s in zip(lengths, starts)]
 
     def _run(self, chunks: list[np.ndarray], caches: list[KVCache] | None, starts: list[int]) -> list[np.ndarray]:
-        embed = self._global("embed")
-        hs = [embed[c] for c in chunks]
-        del embed
+        hs = [self._embed(c) for c in chunks]
         tables = self._tables([len(c) for c in chunks], starts)
         for i in range(self.spec.num_layers):
             lw = LayerWeights.load(self.spec, i, self.weights)
@@ -129,7 +149,7 @@ class LayerMajorScorer:
 
     def _step(self, tokens: list[int], caches: list[KVCache], starts: list[int]) -> np.ndarray:
         """One new token per sequence, all sequences batched through each layer; logits [B, vocab]."""
-        h = self._global("embed")[np.asarray(tokens)]
+        h = self._embed(np.asarray(tokens))
         tables = self._tables([1] * len(tokens), starts)
         for i in range(self.spec.num_layers):
             h = decode_step_batched(self.spec, LayerWeights.load(self.spec, i, self.weights), h, tables, caches, i, starts)

@@ -17,7 +17,7 @@ def test_help_and_version():
     for command in ("export", "run", "chat", "eval", "bench", "inspect", "fixture", "quickstart"):
         assert command in out.output
     assert __version__ in run("--version").output
-    assert "onnx/portable" in run("export", "--help").output
+    assert "onnx/ort" in run("export", "--help").output
 
 
 def test_inspect_json(tiny_llama):

@@ -115,3 +115,18 @@ def test_onnxruntime_genai_runs_the_artifact(tiny_llama, tmp_path):
         gen.generate_next_token()
         theirs.append(int(gen.get_next_tokens()[0]))
     assert theirs[:10] == ours
+
+
+def test_bad_calibration_files(tiny_llama, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ExportError, match="empty.jsonl: no prompts in the file"):
+        export(tiny_llama, tmp_path / "a", ExportOptions(quant="int4", method="awq", calibration=str(empty)))
+    with pytest.raises(ExportError, match="missing.jsonl: cannot read prompts"):
+        export(tiny_llama, tmp_path / "a", ExportOptions(quant="int4", method="gptq",
+                                                        calibration=str(tmp_path / "missing.jsonl")))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{not json\n')
+    with pytest.raises(ExportError, match="broken.jsonl:2: not valid JSON"):
+        export(tiny_llama, tmp_path / "a", ExportOptions(quant="int4", method="awq", calibration=str(broken)))
+    assert not (tmp_path / "a").exists()

@@ -26,11 +26,17 @@ class Checkpoint:
     def tensor_names(self) -> list[str]:
         return list(self.spec.tensor_shapes())
 
-    def tensor(self, name: str) -> np.ndarray:
-        """One tensor as float32, shape as in ModelSpec.tensor_shapes()."""
+    def tensor(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """One tensor as float32, shape as in ModelSpec.tensor_shapes(); ``rows`` reads only a slice
+        of its first axis (an embedding's few rows, a vocabulary chunk of lm_head)."""
         if name == self.spec.tensor_name("lm_head") and self.spec.tied_embeddings:
             name = self.spec.tensor_name("embed")
-        return self._read(name)
+        return self._read_rows(name, rows)
+
+    def _read_rows(self, name: str, rows: slice | None) -> np.ndarray:
+        """Readers that can read part of a tensor override this; the default slices the whole."""
+        value = self._read(name)
+        return value if rows is None else value[rows]
 
     def _read(self, name: str) -> np.ndarray:
         raise NotImplementedError

@@ -80,9 +80,12 @@ class HFCheckpoint(Checkpoint):
         return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(dtype, dtype.lower())
 
     def _read(self, name: str) -> np.ndarray:
+        return self._read_rows(name, None)
+
+    def _read_rows(self, name: str, rows: slice | None) -> np.ndarray:
         if name not in self.where:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
-        return self.where[name].tensor(name)
+        return self.where[name].tensor(name, rows)
 
     def stored_dtype(self, name: str) -> str:
         if name == self.spec.tensor_name("lm_head") and self.spec.tied_embeddings:

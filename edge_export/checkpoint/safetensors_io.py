@@ -123,13 +123,25 @@ class SafetensorsFile:
                             offset=self.data_start + begin)
         return buf.reshape(shape)
 
-    def tensor(self, name: str) -> np.ndarray:
-        """The tensor as float32 (a new array; the mapping stays untouched)."""
+    def tensor(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor (or a slice of its first axis) as float32: a new array. The mapped pages it
+        was read from are released afterwards, so walking a checkpoint does not accumulate them
+        in this process's resident memory."""
         dtype = self.entries[name][0]
         raw = self.raw(name)
-        if dtype == "BF16":
-            return bf16_to_f32(raw)
-        return raw.astype(np.float32)
+        if rows is not None:
+            raw = raw[rows]
+        out = bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)
+        self._release(name)
+        return out
+
+    def _release(self, name: str) -> None:
+        _, _, begin, end = self.entries[name]
+        if self._mmap is None or end == begin or not hasattr(self._mmap, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = (self.data_start + begin) // page * page
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, self.data_start + end - start)
 
     def close(self) -> None:
         if self._mmap is not None:

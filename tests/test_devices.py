@@ -1,0 +1,271 @@
+"""Device profiles, the roofline estimator (against held-out published points), the planner, reports."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+import devices
+from devices.calibration import MODELS, POINTS, calibration_points, held_out_points
+from devices.estimate import (EstimateError, Roofline, class_fit, estimate_result, point_errors, prefill_flops,
+                              workload_from_bits)
+from devices.profiles import ENGINE_CLASSES, PROFILES, QUANTS, ProfileError, get_profile, host_profile
+from devices.protocol import RESULT_FORMAT
+from edge_export.cli import main
+from edge_export.plan import plan
+from edge_export.presets import preset_spec
+from edge_export.report import ReportError, load_results, write_report
+from runtimes.artifact import FORMAT, FORMAT_VERSION, MANIFEST
+
+REQUIRED_PROFILES = ("snapdragon-8-gen3", "snapdragon-8-elite", "apple-a17-pro", "apple-a18-pro", "apple-m4",
+                     "dimensity-9300", "dimensity-9400", "jetson-orin-nano-8gb", "jetson-orin-nano-super",
+                     "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "jetson-agx-thor", "raspberry-pi-5")
+# Held-out published figures must come out within this relative error (DEVICES.md's spread is wide:
+# the same class ranges over 60-90% of the bandwidth ceiling).
+HELD_OUT_TOLERANCE = 0.35
+
+
+def run(*args):
+    out = CliRunner().invoke(main, list(args))
+    return out
+
+
+def fake_artifact(folder, preset="r1-distill-qwen-7b", quant="int4", target="onnx", variant="ort",
+                  weight_bytes=5_170_000_000, max_context=2048):
+    """A manifest-only artifact: read_manifest checks names and sizes' types, never the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": target, "variant": variant,
+                "model": preset_spec(preset).to_dict(), "max_context": max_context,
+                "quantization": {"quant": quant, "method": "rtn",
+                                 "tensors": {"model.embed_tokens.weight": {"scheme": {"scheme": "int8"}}}},
+                "graph": {"kv_dtype": "float16"},
+                "files": {"model.onnx": {"bytes": 1_000_000, "sha256": "0" * 64},
+                          "model.onnx.data": {"bytes": weight_bytes - 1_000_000, "sha256": "0" * 64},
+                          "tokenizer.json": {"bytes": 7_000_000, "sha256": "0" * 64}}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+# ---- profiles -----------------------------------------------------------------------------------
+def test_profiles_complete_with_sources():
+    assert set(REQUIRED_PROFILES) <= set(PROFILES)
+    for p in PROFILES.values():
+        figures = [p.memory_gb, p.bandwidth_gb_s, p.budget_share, *p.peak.values()]
+        assert all(f.source.strip() for f in figures), p.name
+        assert p.memory_gb.value > 0 and p.bandwidth_gb_s.value > 0 and 0 < p.budget_share.value < 1, p.name
+        assert p.targets and set(p.targets.values()) <= set(ENGINE_CLASSES), p.name
+        assert p.peak, f"{p.name}: say which accelerator peak is (not) published"
+        if "fp8" not in p.precisions:
+            assert p.missing_precision, f"{p.name}: why no fp8?"
+        json.dumps(p.to_dict())
+    assert "fp8" in get_profile("jetson-agx-thor").precisions
+    for name in ("jetson-orin-nano-8gb", "jetson-orin-nano-super", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb"):
+        assert "fp8" not in get_profile(name).precisions and "Ampere" in get_profile(name).missing_precision
+    assert get_profile("apple-a17-pro").peak["fp16"].value is None  # not published: said so, not invented
+    assert get_profile("snapdragon-8-gen3").peak["int8"].value is None
+
+
+def test_host_profile_is_measured():
+    host = host_profile()
+    assert host.measured and host.extra["cpus"] >= 1
+    assert host.memory_gb.value > 0 and host.bandwidth_gb_s.value > 0
+    assert "measured" in host.bandwidth_gb_s.source and get_profile("host") is host
+
+
+def test_unknown_profile_names_the_known_ones():
+    with pytest.raises(ProfileError, match="unknown device profile 'pixel-99'.*jetson-agx-thor"):
+        get_profile("pixel-99")
+
+
+# ---- estimator --------------------------------------------------------------------------------------
+def test_calibration_covers_every_engine_class_and_keeps_points_out():
+    assert {p.engine for p in calibration_points()} == set(ENGINE_CLASSES)
+    assert len(held_out_points()) >= 4
+    assert all(p.source for p in POINTS) and all(p.model in MODELS for p in POINTS)
+    assert not set(held_out_points()) & set(calibration_points())
+    assert all(p.excluded and not p.used_for_calibration for p in POINTS if p not in held_out_points()
+               and p not in calibration_points())
+    for engine in ENGINE_CLASSES:
+        assert 0.2 < class_fit(engine).decode_efficiency <= 1.0
+
+
+@pytest.mark.parametrize("point", held_out_points(), ids=lambda p: p.label)
+def test_estimator_on_held_out_published_points(point):
+    errors = point_errors(point)
+    assert errors, point.label
+    for figure, error in errors.items():
+        assert abs(error) <= HELD_OUT_TOLERANCE, f"{point.label} {figure}: {error:+.0%}"
+
+
+def test_decode_falls_as_the_kv_grows_and_trace_sums_it():
+    work = workload_from_bits(MODELS["llama-3.1-8b"], "int4", 4.5, 4.5)
+    roof = Roofline.for_device("jetson-agx-orin-64gb", "tensorrt", "int4")
+    assert roof.decode_tok_s(work, 8192) < roof.decode_tok_s(work, 128)
+    summed = roof.ttft_s(work, 128) + sum(1 / roof.decode_tok_s(work, 128 + i) for i in range(500))
+    assert roof.trace_s(work, 128, 500) == pytest.approx(summed, rel=1e-9)
+    static = Roofline.for_device("snapdragon-8-elite", "onnx/qnn")  # static shapes read the whole KV buffer
+    assert static.decode_tok_s(work, 128, 4096) == pytest.approx(static.decode_tok_s(work, 4096, 4096))
+    assert prefill_flops(work.spec, 128) > 2 * 7.5e9 * 128
+
+
+def test_fp8_refused_on_orin_with_the_reason():
+    with pytest.raises(ProfileError, match="does not run fp8: Orin is Ampere .*SM89"):
+        Roofline.for_device("jetson-orin-nano-8gb", "tensorrt", "fp8")
+    Roofline.for_device("jetson-agx-thor", "tensorrt", "fp8")
+
+
+def test_method_says_how_prefill_was_estimated():
+    work = workload_from_bits(MODELS["qwen2.5-7b"], "int4", 4.5, 4.5)
+    nano = estimate_result(work, "jetson-orin-nano-8gb", "tensorrt")
+    assert "published fp16 peak" in nano["method"]["prefill"] and "assumed" in nano["method"]["prefill"]
+    phone = estimate_result(work, "snapdragon-8-gen3", "onnx/qnn", max_context=4096)
+    assert "no published fp16 peak" in phone["method"]["prefill"] and "fitted" in phone["method"]["prefill"]
+    iphone = estimate_result(work, "apple-a17-pro", "coreml")
+    assert "peak-to-bandwidth ratio" in iphone["method"]["prefill"]
+    assert "efficiency" in nano["method"]["decode"] and "GB/s" in nano["method"]["decode"]
+
+
+def test_estimate_device_reads_the_manifest(tmp_path):
+    art = fake_artifact(tmp_path / "a")
+    result = devices.bench(str(art), "estimate:jetson-orin-nano-8gb", prompt_tokens=128, new_tokens=64)
+    assert result["format"] == RESULT_FORMAT and result["measured"] is False and result["estimated"] is True
+    assert result["device"] == "estimate:jetson-orin-nano-8gb" and result["quant"] == "int4"
+    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "model_bytes", "runs", "method"):
+        assert key in result
+    assert 5 < result["decode_tok_s"] < 30 and result["model_bytes"] == 5_170_000_000 + 7_000_000
+    portable = fake_artifact(tmp_path / "p", variant="portable")  # TensorRT ingests the portable ONNX
+    assert devices.bench(str(portable), "estimate:jetson-agx-thor")["target"] == "tensorrt"
+    with pytest.raises(ProfileError, match="target onnx/ort does not run on apple-a17-pro"):
+        devices.bench(str(art), "estimate:apple-a17-pro")
+    with pytest.raises(ProfileError, match="does not run fp8"):
+        devices.bench(str(fake_artifact(tmp_path / "f", quant="fp8")), "estimate:jetson-orin-nx-16gb")
+    with pytest.raises(EstimateError, match="needs a profile name"):
+        devices.bench(str(art), "estimate:")
+
+
+# ---- planner ------------------------------------------------------------------------------------
+def test_plan_json_keys_and_fit_on_orin_nano():
+    p = plan("r1-distill-qwen-7b", "jetson-orin-nano-8gb", context=8192, trace_tokens=4000)
+    assert p["options"] and "recommended" in p
+    for option in p["options"]:
+        assert {"quant", "target", "weight_bytes", "kv_bytes", "fits", "est_decode_tok_s", "est_ttft_ms",
+                "est_trace_s"} <= set(option)
+    fits = {(o["quant"], o["target"]): o["fits"] for o in p["options"]}
+    assert fits[("int4", "tensorrt")] and not fits[("fp16", "tensorrt")]
+    assert [s["quant"] for s in p["skipped"]] == ["fp8"] and "SM89" in p["skipped"][0]["reason"]
+    assert p["recommended"]["quant"] == "int4" and p["recommended"]["reason"]
+    int4 = next(o for o in p["options"] if o["quant"] == "int4")
+    assert int4["kv_bytes"] == 8192 * preset_spec("r1-distill-qwen-7b").kv_bytes_per_token(2)
+    assert int4["est_decode_tok_s_at_context"] < int4["est_decode_tok_s"]
+
+
+def test_plan_reads_a_checkpoint_folder(tiny_llama):
+    p = plan(str(tiny_llama), "raspberry-pi-5", context=1024, trace_tokens=256)
+    assert p["architecture"] == "LlamaForCausalLM" and all(o["fits"] for o in p["options"])
+
+
+def test_plan_prefers_what_this_version_exports():
+    nano = plan("r1-distill-qwen-7b", "jetson-orin-nano-8gb")
+    assert nano["recommended"]["target"] == "onnx/ort" and "exportable" in nano["recommended"]["reason"]
+    assert not next(o for o in nano["options"] if o["target"] == "tensorrt")["exportable"]
+    iphone = plan("r1-distill-qwen-1.5b", "apple-a17-pro")  # Core ML is the only target there
+    assert iphone["recommended"]["target"] == "coreml"
+    assert "cannot produce coreml yet" in iphone["recommended"]["reason"]
+
+
+def test_plan_offers_fp8_on_thor_and_reports_nothing_fitting():
+    thor = plan("preset:r1-distill-llama-8b", "jetson-agx-thor")
+    assert {o["quant"] for o in thor["options"]} == set(QUANTS) and not thor["skipped"]
+    big = plan("r1-distill-llama-70b", "raspberry-pi-5")
+    assert big["recommended"]["quant"] is None and "nothing fits" in big["recommended"]["reason"]
+
+
+# ---- reports ----------------------------------------------------------------------------------------
+def _results(tmp_path):
+    work = workload_from_bits(MODELS["qwen2.5-7b"], "int4", 4.5, 4.5)
+    estimated = [estimate_result(work, "jetson-orin-nano-8gb", "tensorrt"),
+                 estimate_result(work, "snapdragon-8-elite", "onnx/qnn", max_context=4096)]
+    measured = {"format": RESULT_FORMAT, "measured": True, "device": "host", "quant": "int4", "target": "onnx/ort",
+                "artifact": "qwen-int4", "ttft_ms": 850.0, "prefill_tok_s": 150.6, "decode_tok_s": 9.1,
+                "peak_rss_mb": 5400.0, "model_bytes": 5_170_000_000, "runs": 5,
+                "device_info": {"ram_gb": 16.0, "cpus": 8}}
+    (tmp_path / "est.json").write_text(json.dumps(estimated))
+    (tmp_path / "host.json").write_text(json.dumps(measured))
+    return [tmp_path / "est.json", tmp_path / "host.json"]
+
+
+def test_report_html_has_table_plots_and_estimate_marks(tmp_path):
+    out = write_report(_results(tmp_path), tmp_path / "report.html")
+    html = out.read_text()
+    assert html.count("<svg") == 3 and 'id="hatch"' in html and "http" not in html.replace(
+        "http://www.w3.org/2000/svg", "")
+    assert "<td>jetson-orin-nano-8gb</td>" in html and "<td>snapdragon-8-elite</td>" in html and "<td>host</td>" in html
+    assert html.count('<tr class="estimate">') == 2 and html.count('<tr class="measured">') == 1
+    assert "estimate (hatched, lighter)" in html and "(estimate)</title>" in html and "budget (100%)" in html
+
+
+def test_report_markdown_notes_the_estimates(tmp_path):
+    md = write_report(_results(tmp_path), tmp_path / "report.md").read_text()
+    assert md.startswith("| device |") and md.count("*estimate*") >= 2
+    assert "Rows 1, 2 (2 of 3) are *estimates*" in md
+
+
+def test_report_bad_inputs_name_the_file(tmp_path):
+    with pytest.raises(ReportError, match="nope.json: no such file"):
+        load_results([tmp_path / "nope.json"])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ReportError, match="bad.json: not a JSON bench result"):
+        load_results([tmp_path / "bad.json"])
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ReportError, match="other.json: not a bench result"):
+        load_results([tmp_path / "other.json"])
+    with pytest.raises(ReportError, match="unknown report format '.pdf'"):
+        write_report(_results(tmp_path), tmp_path / "r.pdf")
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="headless Chromium is not installed (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    out = write_report(_results(tmp_path), tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", f"--screenshot={shot}",
+                    "--window-size=900,1400", out.as_uri()], capture_output=True, timeout=60)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+def test_cli_devices_plan_report_bench(tmp_path):
+    listed = run("devices", "--json")
+    assert listed.exit_code == 0 and {"host", *REQUIRED_PROFILES} <= {p["name"] for p in json.loads(listed.output)}
+    assert run("devices").exit_code == 0
+    planned = run("plan", "r1-distill-qwen-7b", "--device", "jetson-orin-nano-8gb", "--json")
+    assert planned.exit_code == 0 and json.loads(planned.output)["recommended"]["quant"] == "int4"
+    human = run("plan", "preset:r1-distill-qwen-1.5b", "--device", "snapdragon-8-elite")
+    assert human.exit_code == 0 and "recommended: int4" in human.output and "skipped fp8" in human.output
+    reported = run("report", *map(str, _results(tmp_path)), "-o", str(tmp_path / "r.html"))
+    assert reported.exit_code == 0 and (tmp_path / "r.html").is_file()
+    benched = run("bench", str(fake_artifact(tmp_path / "a")), "--device", "estimate:raspberry-pi-5", "--json")
+    assert benched.exit_code == 0 and json.loads(benched.output)["estimated"] is True
+    assert "estimate, not measured" in run("bench", str(tmp_path / "a"), "--device", "estimate:jetson-agx-thor").output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "r1-distill-qwen-7b", "--device", "pixel-99"], "unknown device profile 'pixel-99'"),
+    (["plan", "r1-distill-qwen-7b", "--device", "host", "--context", "1024", "--trace-tokens", "4000"],
+     "--trace-tokens 4000"),
+    (["report", "missing.json", "-o", "r.html"], "missing.json: no such file"),
+    (["bench", "x", "--device", "estimate:nope"], "unknown device profile 'nope'"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if args[0] == "bench":
+        args = ["bench", str(fake_artifact(tmp_path / "a")), *args[2:]]
+    out = run(*args)
+    assert out.exit_code == 2, out.output
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
