@@ -38,13 +38,16 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/accuracy_smollm2.json")
     ap.add_argument("--only", action="append", help="labels to run (default: all)")
     args = ap.parse_args()
+    from edge_export.checkpoint import open_checkpoint
+    from edge_export.evaluate import reference_pass
+    ref = reference_pass(open_checkpoint(args.model), ppl=True, questions=True)
     rows = []
     for label, opts in CANDIDATES:
         if args.only and label not in args.only:
             continue
         t = time.perf_counter()
         candidate = opts.pop("artifact", args.model)
-        fig = evaluate(candidate, args.model, ExportOptions(**opts), questions=True)
+        fig = evaluate(candidate, args.model, ExportOptions(**opts), questions=True, ref=ref)
         fig.update(label=label, seconds=round(time.perf_counter() - t, 1))
         rows.append(fig)
         print(json.dumps({k: fig[k] for k in ("label", "kl_mean", "top1_agreement", "ppl", "seconds")}),

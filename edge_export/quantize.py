@@ -62,9 +62,10 @@ class QuantizedWeights:
                               f"{checkpoint.format} checkpoint with float weights: use rtn, awq or gptq")
         self._hidden = None
         if self.method in CALIBRATED:
-            name = self.spec.tensor_name("embed")
-            self._hidden = [np.stack([checkpoint.tensor(name, rows=slice(int(t), int(t) + 1))[0] for t in ids])
-                            for ids in calibration]  # gathered row by row: the table is never whole
+            # only the rows the prompts use are read: a 150k-row table is never whole in float32
+            used = np.unique(np.concatenate([np.asarray(ids) for ids in calibration]))
+            rows = checkpoint.tensor(self.spec.tensor_name("embed"), rows=used)
+            self._hidden = [rows[np.searchsorted(used, ids)] for ids in calibration]
             self._tables = [rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling,
                                          np.arange(len(ids))) for ids in calibration]
 

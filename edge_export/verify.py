@@ -131,8 +131,8 @@ class LayerMajorScorer:
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         if self.rows is None:
             return self._global("embed")[ids]
-        name = self.spec.tensor_name("embed")
-        return np.stack([self.rows(name, slice(int(i), int(i) + 1))[0] for i in ids])
+        used, where = np.unique(np.asarray(ids), return_inverse=True)
+        return self.rows(self.spec.tensor_name("embed"), used)[where]
 
     def _tables(self, lengths: list[int], starts: list[int]) -> list:
         return [rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling, np.arange(s, s + n))

@@ -26,9 +26,9 @@ class Checkpoint:
     def tensor_names(self) -> list[str]:
         return list(self.spec.tensor_shapes())
 
-    def tensor(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """One tensor as float32, shape as in ModelSpec.tensor_shapes(); ``rows`` reads only a slice
-        of its first axis (an embedding's few rows, a vocabulary chunk of lm_head)."""
+    def tensor(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """One tensor as float32, shape as in ModelSpec.tensor_shapes(); ``rows`` (a slice or an
+        index array) reads only part of its first axis (an embedding's rows, a chunk of lm_head)."""
         if name == self.spec.tensor_name("lm_head") and self.spec.tied_embeddings:
             name = self.spec.tensor_name("embed")
         return self._read_rows(name, rows)
