@@ -158,6 +158,21 @@ def _sampling_options(f):
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True)
+def targets(as_json):
+    """List the targets an export can lower to, what each needs, and whether it runs here."""
+    from .targets import describe_targets
+    rows = describe_targets()
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        here = "runs here" if r["runs_here"] else f"cannot run here: {r['why_not']}"
+        click.echo(f"{r['target']}/{r['variant']}: {r['description']}\n    quant {', '.join(r['quant'])}; "
+                   f"needs {r['needs']}; {here}")
+
+
+@main.command()
 @click.argument("artifact")
 @click.argument("prompt")
 @_sampling_options

@@ -113,3 +113,10 @@ def test_run_prompt_longer_than_context(tiny_llama, tmp_path):
     run("export", str(tiny_llama), "-o", str(art), "--quant", "fp32", "--no-verify", "--max-context", "16")
     out = CliRunner().invoke(main, ["run", str(art), "word " * 40])
     assert out.exit_code == 2 and "shorten the prompt or re-export with a larger --max-context" in out.output
+
+
+def test_targets_command():
+    rows = json.loads(run("targets", "--json").output)
+    assert {(r["target"], r["variant"]) for r in rows} == {("onnx", "ort")}
+    assert rows[0]["runs_here"] is True and "int4" in rows[0]["quant"]
+    assert "onnx/ort" in run("targets").output

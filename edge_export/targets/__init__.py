@@ -49,6 +49,17 @@ def all_targets() -> list[Target]:
     return [_TARGETS[n] for n in sorted(_TARGETS)]
 
 
+def describe_targets() -> list[dict]:
+    """Every registered target and variant: what it needs, which precisions, can it run here."""
+    rows = []
+    for target in all_targets():
+        ok, why = target.available()
+        for variant, about in target.variants.items():
+            rows.append({"target": target.name, "variant": variant, "description": about, "needs": target.needs,
+                         "quant": list(target.quant), "runs_here": ok, "why_not": why})
+    return rows
+
+
 def _load_builtin() -> None:
     from . import onnx  # noqa: F401  (registration side effect)
 
