@@ -115,6 +115,8 @@ TARGET_HELP = """Targets and variants:
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
 @click.option("--max-context", default=2048, show_default=True, help="Positions the KV cache holds.")
 @click.option("--kv-cache", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
+              help="MatMulNBits activations: 4 quantizes them to int8 per block (fast on CPU), 0 keeps float (exact).")
 @click.option("--calibration", type=click.Path(dir_okay=False), help="JSONL of prompts or messages (AWQ/GPTQ).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the artifact against the reference decoder.")
 @click.option("--max-kl", type=float, help="Verification threshold on kl_mean (default 0.5).")
@@ -122,12 +124,13 @@ TARGET_HELP = """Targets and variants:
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at OUT (atomically).")
 @click.option("--json", "as_json", is_flag=True)
 def export(checkpoint, out, target, variant, quant, method, head, group_size, asymmetric, act_order, max_context,
-           kv_cache, calibration, no_verify, max_kl, min_top1, overwrite, as_json):
+           kv_cache, accuracy_level, calibration, no_verify, max_kl, min_top1, overwrite, as_json):
     """Quantize CHECKPOINT, lower it to a target, verify it, and publish an artifact at OUT."""
     from .export import ExportOptions, export as run_export
     options = ExportOptions(target=target, variant=variant, quant=quant, method=method, group_size=int(group_size),
                             symmetric=not asymmetric, act_order=act_order, head=head, max_context=max_context,
-                            kv_cache={"fp32": "float32", "fp16": "float16"}[kv_cache], calibration=calibration,
+                            kv_cache={"fp32": "float32", "fp16": "float16"}[kv_cache],
+                            accuracy_level=int(accuracy_level), calibration=calibration,
                             verify=not no_verify, overwrite=overwrite,
                             **{k: v for k, v in (("max_kl", max_kl), ("min_top1", min_top1)) if v is not None})
     manifest = run_export(checkpoint, out, options, progress=lambda s: None if as_json else click.echo(s, err=True))
