@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_export.fixtures import _write_weights, byte_level_tokenizer
-from edge_export.presets import PRESETS, preset_spec
+from edge_export.presets import preset_spec
 from runtimes.models import get_architecture
 
 ARCH_PRESETS = {"LlamaForCausalLM": "r1-distill-llama-8b", "Qwen2ForCausalLM": "r1-distill-qwen-1.5b",
@@ -54,6 +54,3 @@ def tiny_checkpoint(request, tmp_path_factory) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     return small_vocab_checkpoint("r1-distill-llama-8b", tmp_path_factory.mktemp("llama"))
 
-
-def all_presets() -> list[str]:
-    return list(PRESETS)

@@ -12,11 +12,6 @@ from runtimes.errors import ArtifactError
 LOOSE = dict(max_kl=100.0, min_top1=0.0)  # random tiny weights: verification runs, its figures are not judged
 
 
-@pytest.fixture(scope="module")
-def fp32_artifacts(tmp_path_factory, request):
-    return {}
-
-
 def exported(checkpoint, folder, **options):
     manifest = export(checkpoint, folder, ExportOptions(**{**LOOSE, **options}))
     return folder, manifest
