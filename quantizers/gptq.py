@@ -54,15 +54,19 @@ def _invert_lower(lower: np.ndarray) -> np.ndarray:
     return result
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, config: Int4Config, name: str = ""
+def gptq(w: np.ndarray, hessian: np.ndarray, config: Int4Config, name: str = "", overwrite_hessian: bool = False
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W float32 [N, K], H float [K, K] -> (codes uint8 [N, K], scales float32 [N, K/g], zeros uint8 [N, K/g])."""
+    """W float32 [N, K], H float [K, K] -> (codes uint8 [N, K], scales float32 [N, K/g], zeros uint8 [N, K/g]).
+
+    ``overwrite_hessian`` lets a float64 H be modified in place: for K = 8960 every copy is 642 MB."""
     n, k = w.shape
     g = config.group_size
     check_divides(k, g, name)
     if hessian.shape != (k, k):
         raise QuantizationError(f"tensor {name or '<unnamed>'}: Hessian {hessian.shape} does not match K={k}")
-    h = np.array(hessian, np.float64)
+    writable = overwrite_hessian and hessian.dtype == np.float64 and hessian.flags.writeable
+    h = hessian if writable else np.array(hessian, np.float64)
+    del hessian
     wt = np.array(w.T, np.float32, order="C")  # [K, N]: input column k of W is row k here, contiguous
     dead = np.diag(h) == 0  # inputs never active in calibration: weight irrelevant, zero it
     h[dead, dead] = 1.0
@@ -75,6 +79,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, config: Int4Config, name: str = ""
         wt, h = wt[perm], h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += config.damp * np.mean(np.diag(h))
     u = inverse_hessian_factor(h, name).astype(np.float32)
+    del h
     codes = np.empty((k, n), np.uint8)
     scales = np.empty((k // g, n), np.float32)
     zeros = np.empty((k // g, n), np.uint8)
@@ -116,4 +121,4 @@ def quantize_gptq(w: np.ndarray, config: Int4Config, name: str, stats=None) -> Q
     if stats is None:
         raise QuantizationError(f"tensor {name or '<unnamed>'}: method 'gptq' needs calibration stats "
                                 "of the layer's input (quantize(..., stats=Stats)); or use method 'rtn'")
-    return make_tensor(*gptq(w, stats.hessian(), config, name), config)
+    return make_tensor(*gptq(w, stats.hessian(), config, name, overwrite_hessian=True), config)

@@ -68,7 +68,7 @@ class Stats:
         self._require_data()
         if self.xtx is None:
             raise QuantizationError("these Stats were built with keep_xtx=False; GPTQ needs X^T X")
-        return self.xtx * (2.0 / self.n)
+        return self.xtx * (2.0 / self.n)  # a new array: the caller may overwrite it
 
     def _require_data(self) -> None:
         if self.n == 0:
