@@ -20,7 +20,7 @@ from quantizers.awq import awq_quantize_shared, awq_search_shared
 
 from runtimes import rope
 from runtimes.models import LAYER_TENSORS
-from runtimes.reference import LayerWeights, layer_forward
+from runtimes.reference import LayerWeights, layer_forward, layer_keys
 
 from .errors import ExportError
 
@@ -223,17 +223,8 @@ class QuantizedWeights:
         def value(key):
             v = out[names[key]]
             return v.effective_weight() if isinstance(v, QuantizedTensor) else v
-        lw = LayerWeights({key: np.asarray(value(key), np.float32) for key in _layer_keys(self.spec)})
+        lw = LayerWeights({key: np.asarray(value(key), np.float32) for key in layer_keys(self.spec)})
         self._hidden = [layer_forward(self.spec, lw, h, cos, sin) for h, (cos, sin) in zip(self._hidden, self._tables)]
-
-
-def _layer_keys(spec) -> list[str]:
-    keys = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj"]
-    if spec.attention_bias:
-        keys += ["q_bias", "k_bias", "v_bias"]
-    if spec.qk_norm:
-        keys += ["q_norm", "k_norm"]
-    return keys
 
 
 def _layer_of(name: str) -> int | None:

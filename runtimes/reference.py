@@ -30,17 +30,23 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def layer_keys(spec: ModelSpec) -> list[str]:
+    """The short names (LAYER_TENSORS keys) of the tensors one decoder layer of ``spec`` has."""
+    keys = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj"]
+    if spec.attention_bias:
+        keys += ["q_bias", "k_bias", "v_bias"]
+    if spec.qk_norm:
+        keys += ["q_norm", "k_norm"]
+    return keys
+
+
 class LayerWeights(dict):
     """One decoder layer's float32 tensors keyed by the short names of LAYER_TENSORS."""
 
     @classmethod
     def load(cls, spec: ModelSpec, layer: int, weights: WeightsFn) -> "LayerWeights":
-        keys = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj"]
-        if spec.attention_bias:
-            keys += ["q_bias", "k_bias", "v_bias"]
-        if spec.qk_norm:
-            keys += ["q_norm", "k_norm"]
-        return cls({k: np.ascontiguousarray(weights(spec.tensor_name(k, layer)), dtype=np.float32) for k in keys})
+        return cls({k: np.ascontiguousarray(weights(spec.tensor_name(k, layer)), dtype=np.float32)
+                    for k in layer_keys(spec)})
 
 
 class KVCache:

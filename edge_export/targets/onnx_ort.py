@@ -18,6 +18,7 @@ from onnx import TensorProto
 
 from runtimes import rope
 from runtimes.models import ModelSpec, get_architecture
+from runtimes.reference import layer_keys
 
 from ..errors import ExportError
 from .onnx_graph import GraphWriter
@@ -126,10 +127,7 @@ class _DecoderGraph:
         return value if is_quantized(value) else np.asarray(value, np.float32)
 
     def _layer_weights(self, i: int) -> dict:
-        keys = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj"]
-        keys += ["q_bias", "k_bias", "v_bias"] if self.spec.attention_bias else []
-        keys += ["q_norm", "k_norm"] if self.spec.qk_norm else []
-        lw = {k: self._get(k, i) for k in keys}
+        lw = {k: self._get(k, i) for k in layer_keys(self.spec)}
         for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             lw[k] = to_linear(lw[k], self.spec.tensor_name(k, i))
         return lw
