@@ -1,5 +1,5 @@
 """Devices: where a benchmark runs, the benchmark protocol, device profiles and the roofline."""
-from . import estimate, host, ssh  # noqa: F401  (registration side effects)
+from . import adb, estimate, host, ssh  # noqa: F401  (registration side effects)
 from .registry import Device, parse_device, register_device
 
 
