@@ -273,7 +273,9 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cal
 @main.command()
 @click.argument("artifact")
 @click.option("--device", "device", default="host", show_default=True,
-              help="host, or estimate:PROFILE for a roofline estimate (profiles: `edge-export devices`).")
+              help="host; ssh://[user@]host[:port][/folder] (a Linux board, through your ssh config); "
+                   "adb://SERIAL (an Android device, with --runner); estimate:PROFILE for a roofline estimate "
+                   "(profiles: `edge-export devices`).")
 @click.option("--prompt-tokens", default=128, show_default=True)
 @click.option("--new-tokens", default=128, show_default=True)
 @click.option("--runs", default=5, show_default=True)
@@ -281,12 +283,17 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cal
 @click.option("--threads", default=2, show_default=True)
 @click.option("--backend")
 @click.option("--long-context", default=0, help="Also time decode after this many tokens of context.")
+@click.option("--runner", type=click.Path(dir_okay=False, exists=True),
+              help="adb:// only: the benchmark binary to push and run (onnxruntime-genai's model_benchmark).")
+@click.option("--timeout", default=3600, show_default=True, help="Seconds the benchmark may run on the device.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact, device, prompt_tokens, new_tokens, runs, warmup, threads, backend, long_context, as_json):
+def bench(artifact, device, prompt_tokens, new_tokens, runs, warmup, threads, backend, long_context, runner, timeout,
+          as_json):
     """Time ARTIFACT by the shared protocol (prompt, greedy tokens, warm-up, medians)."""
     import devices
     result = devices.bench(artifact, device, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
-                           warmup=warmup, threads=threads, backend=backend, long_context=long_context or None)
+                           warmup=warmup, threads=threads, backend=backend, long_context=long_context or None,
+                           runner=runner, timeout=timeout)
     if as_json:
         emit_json(result)
         return
@@ -295,9 +302,28 @@ def bench(artifact, device, prompt_tokens, new_tokens, runs, warmup, threads, ba
                    f"{result['decode_tok_s']:.1f} tok/s, memory {result['peak_rss_mb']:.0f} MB of a "
                    f"{result['budget_mb']:.0f} MB budget ({result['method']['engine']} roofline)")
         return
-    click.echo(f"{device}: TTFT {result['ttft_ms']:.1f} ms ({result['prefill_tok_s']:.0f} tok/s prefill), "
-               f"decode {result['decode_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MB, "
-               f"model {result['model_bytes'] / 2**20:.1f} MiB ({result['runs']} runs, medians)")
+    click.echo(_measured_line(result))
+
+
+def _measured_line(result: dict) -> str:
+    """One line of measured figures; a figure the device's runner did not report is left out."""
+    parts = []
+    if "ttft_ms" in result:
+        prefill = f" ({result['prefill_tok_s']:.0f} tok/s prefill)" if "prefill_tok_s" in result else ""
+        parts.append(f"TTFT {result['ttft_ms']:.1f} ms{prefill}")
+    if "decode_tok_s" in result:
+        parts.append(f"decode {result['decode_tok_s']:.1f} tok/s")
+    if "peak_rss_mb" in result:
+        parts.append(f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    if "model_bytes" in result:
+        parts.append(f"model {result['model_bytes'] / 2**20:.1f} MiB")
+    runs = f" ({result['runs']} runs, medians)" if "runs" in result else ""
+    line = f"{result['device']}: {', '.join(parts)}{runs}"
+    if "transfer" in result:
+        t = result["transfer"]
+        line += (f"; copied {len(t['copied'])} files ({t['copied_bytes'] / 2**20:.1f} MiB), "
+                 f"{len(t['skipped'])} already on the device")
+    return line
 
 
 @main.command(name="devices")
