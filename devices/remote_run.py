@@ -126,8 +126,10 @@ def runner_result(stdout: str, stderr: str, code: int) -> dict:
         return {"error": result["error"], "kind": "runner"}
     if code != 0 or result is None:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        tail = (stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"the benchmark runner {how}: {tail}", "kind": "runner"}
+        if code == -signal.SIGKILL:
+            how += " (the out-of-memory killer does this: check `dmesg` on the device)"
+        tail = stderr.strip().splitlines()
+        return {"error": f"the benchmark runner {how}" + (f": {tail[-1]}" if tail else ""), "kind": "runner"}
     return result
 
 

@@ -273,6 +273,9 @@ class SshRun:
             if out.get("errno") in (28, 122):  # ENOSPC, EDQUOT
                 raise RemoteDiskFullError(f"{self.url}: the remote disk is full while {stage} ({out['error']}); "
                                           "free space there or name another folder (ssh://user@host/FOLDER)")
+            if out.get("errno") in (13, 30):  # EACCES, EROFS
+                raise RemoteSetupError(f"{self.url}: {stage} failed: {out['error']}; name a folder you can write "
+                                       "there (ssh://user@host/FOLDER)")
             raise RemoteSetupError(f"{self.url}: {stage} failed: {out['error']}")
         return out
 

@@ -172,6 +172,10 @@ def test_bench_over_ssh_measures_and_second_run_copies_nothing(sshd, artifact, t
     assert first["transfer"]["copied"] == listed and first["transfer"]["skipped"] == []
     assert first["transfer"]["toolkit_installed"] is True and first["transfer"]["copied_bytes"] > 0
 
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (base / "runs" / "left-by-a-killed-run").mkdir()
+    (base / "runs" / "left-by-a-killed-run" / "pid").write_text(str(dead.pid))  # its supervisor is gone
     second = bench(sshd, artifact, base)
     assert second["transfer"]["copied"] == [] and second["transfer"]["skipped"] == listed
     assert second["transfer"]["copied_bytes"] == 0 and second["transfer"]["toolkit_installed"] is False
@@ -289,7 +293,7 @@ def test_runner_killed_on_the_device_is_an_error_not_a_result(sshd, artifact, tm
         os.kill(pid, signal.SIGKILL)
     thread.join(30)
     assert "result" not in outcome and isinstance(outcome["error"], RemoteError)
-    assert "the benchmark runner was killed by signal 9" in str(outcome["error"])
+    assert "the benchmark runner was killed by signal 9 (the out-of-memory killer does this" in str(outcome["error"])
     assert "nothing was recorded" in str(outcome["error"])
     _wait_gone(base)
 
@@ -370,3 +374,10 @@ def test_the_device_side_stops_when_the_connection_closes(artifact, tmp_path):
     assert proc.returncode == 6 and json.loads(out)["kind"] == "disconnected"
     assert runs_left(base) == [] and _runner_pids(base) == []
     assert len(list((base / "blobs").iterdir())) == len(list(artifact.iterdir()))  # the cache stays
+
+
+def test_a_folder_the_device_cannot_write_is_named_with_the_fix(sshd, artifact, tmpfs):
+    base = tmpfs("readonly", "ro,size=1m")
+    with pytest.raises(RemoteError, match=r"probing the device failed: .*readonly/blobs: Read-only file system; "
+                                          "name a folder you can write there"):
+        bench(sshd, artifact, base)
