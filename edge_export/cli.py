@@ -88,12 +88,19 @@ def quickstart(out: str) -> None:
     run_quickstart(out, echo=click.echo)
 
 
-TARGET_HELP = """Targets and variants:
+TARGET_HELP = """Targets and variants (`edge-export targets` says which run here):
 
 \b
-  onnx/ort   onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention with one shared KV
-             buffer, SkipSimplifiedLayerNormalization), plus genai_config.json: CPU, CUDA, mobile
-             onnxruntime and onnxruntime-genai run it as it is.
+  onnx/ort        onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention with one shared
+                  KV buffer, SkipSimplifiedLayerNormalization), plus genai_config.json: CPU, CUDA,
+                  mobile onnxruntime and onnxruntime-genai run it as it is.
+  onnx/portable   standard ONNX ops only (opset 21): blocked DequantizeLinear int4, per-channel
+                  int8, float8 Q/DQ, plain attention; what TensorRT and NPU compilers ingest.
+  onnx/qnn        static-shape QDQ graphs for the Qualcomm Hexagon NPU (onnxruntime's QNN EP).
+  tensorrt        the portable graph in fp16 with TensorRT's explicit quantization (symmetric INT4
+                  weight-only; FP8 weights and activations); `build-engine` builds it on the device.
+  coreml          an ML Program (iOS 18 / macOS 15) with the KV cache as Core ML state and
+                  block-wise int4 weights; predicts on macOS only.
 """
 
 
@@ -117,6 +124,11 @@ TARGET_HELP = """Targets and variants:
 @click.option("--kv-cache", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
               help="MatMulNBits activations: 4 quantizes them to int8 per block (fast on CPU), 0 keeps float (exact).")
+@click.option("--device", "device", help="A device profile the artifact is for (`edge-export devices`): "
+              "precisions its hardware lacks are refused (e.g. fp8 on Ampere Jetsons).")
+@click.option("--fp8-activations/--fp8-weights-only", default=None,
+              help="fp8: also quantize each linear's input with a per-tensor scale from calibration (FP8 GEMMs; "
+                   "the default for --target tensorrt) or keep activations float (the default elsewhere).")
 @click.option("--calibration", type=click.Path(dir_okay=False), help="JSONL of prompts or messages (AWQ/GPTQ).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the artifact against the reference decoder.")
 @click.option("--max-kl", type=float, help="Verification threshold on kl_mean (default 0.5).")
@@ -124,14 +136,14 @@ TARGET_HELP = """Targets and variants:
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at OUT (atomically).")
 @click.option("--json", "as_json", is_flag=True)
 def export(checkpoint, out, target, variant, quant, method, head, group_size, asymmetric, act_order, max_context,
-           kv_cache, accuracy_level, calibration, no_verify, max_kl, min_top1, overwrite, as_json):
+           kv_cache, accuracy_level, device, fp8_activations, calibration, no_verify, max_kl, min_top1, overwrite, as_json):
     """Quantize CHECKPOINT, lower it to a target, verify it, and publish an artifact at OUT."""
     from .export import ExportOptions, export as run_export
     options = ExportOptions(target=target, variant=variant, quant=quant, method=method, group_size=int(group_size),
                             symmetric=not asymmetric, act_order=act_order, head=head, max_context=max_context,
                             kv_cache={"fp32": "float32", "fp16": "float16"}[kv_cache],
-                            accuracy_level=int(accuracy_level), calibration=calibration,
-                            verify=not no_verify, overwrite=overwrite,
+                            accuracy_level=int(accuracy_level), fp8_activations=fp8_activations, device=device,
+                            calibration=calibration, verify=not no_verify, overwrite=overwrite,
                             **{k: v for k, v in (("max_kl", max_kl), ("min_top1", min_top1)) if v is not None})
     manifest = run_export(checkpoint, out, options, progress=lambda s: None if as_json else click.echo(s, err=True))
     if as_json:
@@ -145,6 +157,30 @@ def export(checkpoint, out, target, variant, quant, method, head, group_size, as
         v = manifest["verification"]
         line += f"; kl_mean {v['kl_mean']:.4f}, top1_agreement {v['top1_agreement']:.3f}"
     click.echo(line)
+
+
+@main.command(name="build-engine")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--device", "device", help="The device profile it is built for (checks its precisions).")
+@click.option("--workspace-gb", type=float, help="TensorRT's builder workspace limit.")
+@click.option("--json", "as_json", is_flag=True)
+def build_engine(artifact, device, workspace_gb, as_json):
+    """Build the TensorRT engine of a --target tensorrt ARTIFACT, on the GPU that will run it.
+
+    Uses TensorRT's Python API (JetPack on a Jetson; pip install tensorrt on a GPU host); the
+    manifest records the GPU, the TensorRT version and each layer's precision. Without TensorRT,
+    the manifest's engine.trtexec is the same build as a trtexec command line."""
+    from .engine import build_engine as run_build
+    engine = run_build(artifact, device=device, workspace_gb=workspace_gb,
+                       progress=lambda s: None if as_json else click.echo(s, err=True))
+    if as_json:
+        emit_json(engine)
+        return
+    layers = engine["layers"]
+    click.echo(f"built {artifact}/{engine['file']} for {engine['gpu']['name']} with TensorRT {engine['tensorrt']} in "
+               f"{engine['build_seconds']} s; layers by precision: {layers['by_precision']}")
+    if "warning" in layers:
+        click.echo(f"warning: {layers['warning']}", err=True)
 
 
 def _sampling_options(f):

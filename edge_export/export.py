@@ -43,6 +43,9 @@ class ExportOptions:
     max_context: int = 2048
     kv_cache: str = "float32"
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast on CPU), 0 = exact float
+    device: str | None = None  # a device profile the artifact is for: its precisions are checked
+    fp8_activations: bool | None = None  # fp8: also quantize each linear's input (per-tensor scale
+    # from calibration); None: the target decides (tensorrt: yes, FP8 GEMMs; others: weights only)
     calibration: str | None = None
     verify: bool = True
     max_kl: float = MAX_KL
@@ -71,7 +74,7 @@ def quant_rules(options: ExportOptions) -> Rules:
     elif options.quant == "int8":
         config = Int8Config()
     elif options.quant == "fp8":
-        config = Fp8Config()
+        config = Fp8Config(activation_scales=bool(options.fp8_activations))
     else:
         raise ExportError(f"--quant '{options.quant}' is not one of fp32, fp16, int8, int4, fp8")
     rules = default_rules(config)
@@ -105,16 +108,19 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     if overrides:
         options = ExportOptions(**{**asdict(options), **overrides})
     target, variant = get_target(options.target, options.variant)
-    if options.quant not in target.quant:
-        raise ExportError(f"--quant {options.quant} cannot be carried by target {target.name} "
-                          f"(it takes: {', '.join(target.quant)})")
+    quants = target.variant_quant.get(variant, target.quant)
+    if options.quant not in quants:
+        raise ExportError(f"--quant {options.quant} cannot be carried by target {target.name}/{variant} "
+                          f"(it takes: {', '.join(quants)})")
+    if target.prepare is not None:
+        options = target.prepare(options)
     t0 = time.perf_counter()
     ckpt = open_checkpoint(checkpoint)
     options = resolve_method(options, ckpt)
     rules = quant_rules(options)
     with staging_folder(out, options.overwrite) as staging:
         calibration = None
-        if options.method in ("awq", "gptq"):
+        if options.method in ("awq", "gptq") or (options.quant == "fp8" and options.fp8_activations):
             calibration = calibration_ids(ckpt.tokenizer, options.calibration)
         weights = QuantizedWeights(ckpt, rules, calibration)
         progress(f"quantizing ({options.quant}, {options.method}) and lowering to {target.name}/{variant}")
@@ -161,6 +167,7 @@ def _manifest(ckpt, options, target, variant, rules, weights, lowered) -> dict:
                          "tensors": {n: r.to_dict() for n, r in weights.records.items()}},
         "max_context": options.max_context,
         "graph": lowered["graph"], "weights": lowered["weights"],
+        **({"engine": lowered["engine"]} if "engine" in lowered else {}),
         "tokenizer": {"file": "tokenizer.json", "config": "tokenizer_config.json"},
         "chat_template": tok.chat_template, "special_tokens": special, "generation": generation,
     }
@@ -177,10 +184,15 @@ def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
     del reference
     from runtimes.artifact import read_manifest
     artifact = read_manifest(folder, staging_ok=True)
-    runtime = runtimes.Runtime(artifact, runtimes.get_backend(artifact.manifest["backend"])(
-        artifact, threads=options.threads))
-    figures = compare(_Fixed(ref_tokens, ref_logprobs), RuntimeScorer(runtime.backend), prompts)
-    return figures.to_dict()
+    # a target whose artifact cannot run here (Core ML off macOS) names what verifies it instead
+    make = get_target(artifact.target, artifact.variant)[0].extra.get("verify_backend")
+    backend = make(artifact, options) if make else runtimes.get_backend(artifact.manifest["backend"])(
+        artifact, threads=options.threads)
+    runtime = runtimes.Runtime(artifact, backend)
+    figures = compare(_Fixed(ref_tokens, ref_logprobs), RuntimeScorer(runtime.backend), prompts).to_dict()
+    if getattr(backend, "verified_with", None):
+        figures["verified_with"] = backend.verified_with
+    return figures
 
 
 class _Fixed:

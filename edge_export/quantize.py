@@ -55,13 +55,15 @@ class QuantizedWeights:
         self._ready: dict[str, object] = {}
         self._done_layers: set[int] = set()
         self.method = _main_method(rules, self.spec)
-        if self.method in CALIBRATED and not calibration:
-            raise ExportError(f"method '{self.method}' needs calibration prompts (--calibration FILE or the built-in set)")
+        calibrated = self.method in CALIBRATED or _uses_stats(rules.resolve(self.spec.tensor_name("q_proj", 0)))
+        if calibrated and not calibration:
+            what = f"method '{self.method}'" if self.method in CALIBRATED else "fp8 activation scales"
+            raise ExportError(f"{what} needs calibration prompts (--calibration FILE or the built-in set)")
         if self.method == "keep" and checkpoint.format != "gguf":
             raise ExportError(f"--method keep carries a GGUF's quantized blocks; {checkpoint.path} is an "
                               f"{checkpoint.format} checkpoint with float weights: use rtn, awq or gptq")
         self._hidden = None
-        if self.method in CALIBRATED:
+        if calibrated:
             # only the rows the prompts use are read: a 150k-row table is never whole in float32
             used = np.unique(np.concatenate([np.asarray(ids) for ids in calibration]))
             rows = checkpoint.tensor(self.spec.tensor_name("embed"), rows=used)
@@ -97,6 +99,8 @@ class QuantizedWeights:
             self.records[name] = TensorRecord(carried.scheme, _carry_kind(carried))
             return carried
         config = _rtn_if_calibrated(config)
+        if getattr(config, "activation_scales", False):  # outside the observed layers: weights only
+            config = dataclasses.replace(config, activation_scales=False)
         qt = self._quantize_rows(source, name, config)
         self.records[name] = TensorRecord(qt.scheme, "requantized" if self.method == "keep" else "quantized")
         return qt
@@ -161,7 +165,7 @@ class QuantizedWeights:
 
     def _linear(self, name: str, weight, stats, key: str):
         config = self.config(name)
-        if config is None or getattr(config, "method", "rtn") not in CALIBRATED or stats is None:
+        if not _uses_stats(config) or stats is None:
             return self._single(name)
         point = next(p for p, keys in POINTS.items() if key in keys)
         qt = quantizers.quantize(weight, config, name, stats[point])
@@ -237,6 +241,12 @@ def _layer_of(name: str) -> int | None:
 def _main_method(rules: Rules, spec) -> str:
     config = rules.resolve(spec.tensor_name("q_proj", 0))
     return getattr(config, "method", "rtn") if config is not None else "float"
+
+
+def _uses_stats(config) -> bool:
+    """Does quantizing with ``config`` need the layer's input statistics?"""
+    return config is not None and (getattr(config, "method", "rtn") in CALIBRATED
+                                   or bool(getattr(config, "activation_scales", False)))
 
 
 def _plain(config):

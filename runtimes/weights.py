@@ -102,4 +102,40 @@ def fp8_e4m3fn_to_float(codes: np.ndarray) -> np.ndarray:
     return sign * value
 
 
-UNPACKERS = {"float": _float, "matmulnbits": _matmulnbits, "fp8": _fp8}
+def _dequantizelinear(weights: ArtifactWeights, e: dict) -> np.ndarray:
+    """ONNX DequantizeLinear feeding MatMul: codes [K, N] of ``data_type`` (INT4/UINT4 two a
+    byte, low nibble first; INT8; UINT8; FLOAT8E4M3FN), scales blocked along K (``axis`` 0 with
+    ``block_size``) or per output column (``axis`` 1) or one scalar. Returns W [N, K]."""
+    k, n = e["shape"]
+    kind = e["data_type"]
+    codes = _codes(weights.raw(e["data"]), kind, k * n).reshape(k, n)
+    scale = weights.raw(e["scale"]).astype(np.float32)
+    zero = _codes(weights.raw(e["zero_point"]), kind, scale.size).reshape(scale.shape) if e.get("zero_point") else 0.0
+    block = e.get("block_size")
+    if block:  # scale [K/g, N]: each row repeats over its block of K
+        scale, zero = (np.repeat(np.asarray(a), block, axis=0)[:k] if np.ndim(a) else a for a in (scale, zero))
+    w = (codes - zero) * scale
+    if e.get("residual"):  # [K/g, N]: GGUF Q4_1's per-block offsets
+        w = w + np.repeat(weights.raw(e["residual"]).astype(np.float32), block, axis=0)[:k]
+    w = w.T
+    if e.get("input_scale_inverse"):
+        w = w * weights.raw(e["input_scale_inverse"]).astype(np.float32)
+    return w
+
+
+def _codes(raw: np.ndarray, kind: str, count: int) -> np.ndarray:
+    """Stored codes -> float32 values (before scale and zero point)."""
+    raw = raw.reshape(-1)
+    if kind in ("INT4", "UINT4"):
+        nibbles = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1)[:count].astype(np.int8)
+        return (np.where(nibbles > 7, nibbles - 16, nibbles) if kind == "INT4" else nibbles).astype(np.float32)
+    if kind == "FLOAT8E4M3FN":
+        return fp8_e4m3fn_to_float(raw[:count])
+    if kind == "INT8":
+        return raw[:count].view(np.int8).astype(np.float32)
+    if kind == "UINT8":
+        return raw[:count].astype(np.float32)
+    raise ArtifactError(f"DequantizeLinear weights of type {kind} are not supported")
+
+
+UNPACKERS = {"float": _float, "matmulnbits": _matmulnbits, "fp8": _fp8, "dequantizelinear": _dequantizelinear}

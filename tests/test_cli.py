@@ -1,4 +1,5 @@
 """The command line: help, version, inspect, fixture, and one-line errors with exit code 2."""
+import importlib.util
 import json
 
 from click.testing import CliRunner
@@ -116,7 +117,11 @@ def test_run_prompt_longer_than_context(tiny_llama, tmp_path):
 
 
 def test_targets_command():
-    rows = json.loads(run("targets", "--json").output)
-    assert {(r["target"], r["variant"]) for r in rows} == {("onnx", "ort")}
-    assert rows[0]["runs_here"] is True and "int4" in rows[0]["quant"]
+    rows = {(r["target"], r["variant"]): r for r in json.loads(run("targets", "--json").output)}
+    assert {("onnx", "ort"), ("onnx", "portable"), ("tensorrt", "explicit")} <= set(rows)
+    assert rows["onnx", "ort"]["runs_here"] is True and "int4" in rows["onnx", "ort"]["quant"]
+    assert "fp8" in rows["onnx", "portable"]["quant"] and "fp8" not in rows["onnx", "ort"]["quant"]
+    trt = rows["tensorrt", "explicit"]
+    if importlib.util.find_spec("tensorrt") is None:
+        assert trt["runs_here"] is False and "TensorRT" in trt["why_not"]
     assert "onnx/ort" in run("targets").output

@@ -22,6 +22,8 @@ class Target:
     backend: str = ""
     default_variant: str = ""
     extra: dict = field(default_factory=dict)
+    variant_quant: dict = field(default_factory=dict)  # variant -> the precisions it takes, where fewer
+    prepare: Callable | None = None  # ExportOptions -> ExportOptions: the target's defaults
 
 
 _TARGETS: dict[str, Target] = {}
@@ -56,12 +58,14 @@ def describe_targets() -> list[dict]:
         ok, why = target.available()
         for variant, about in target.variants.items():
             rows.append({"target": target.name, "variant": variant, "description": about, "needs": target.needs,
-                         "quant": list(target.quant), "runs_here": ok, "why_not": why})
+                         "quant": list(target.variant_quant.get(variant, target.quant)), "runs_here": ok,
+                         "why_not": why})
     return rows
 
 
 def _load_builtin() -> None:
     from . import onnx  # noqa: F401  (registration side effect)
+    from . import tensorrt  # noqa: F401
 
 
 def folder_bytes(folder: Path) -> int:

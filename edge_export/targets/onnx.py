@@ -1,4 +1,5 @@
-"""The `onnx` target. Variant `ort`: onnxruntime's fused contrib ops, built from the weights."""
+"""The `onnx` target. Variant `ort`: onnxruntime's fused contrib ops, built from the weights.
+Variant `portable`: standard ONNX ops only (Q/DQ weights), what TensorRT and NPU compilers take."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from . import Target, register_target
 from .onnx_ort import build_ort_decoder, genai_config
+from .onnx_portable import PortableRules, build_portable_decoder
 from .onnx_weights import weights_table
 
 MODEL_FILE = "model.onnx"
@@ -26,6 +28,27 @@ def lower_ort(spec, weights, folder: Path, variant: str, options) -> dict:
     return {"graph": graph, "weights": weights_table(folder / MODEL_FILE, spec), "backend": "onnxruntime"}
 
 
+# onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits with int8 activations by default
+# (accuracy level 4, ~1% off); level 0 keeps the float arithmetic the graph spells out.
+PORTABLE_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
+def lower_portable(spec, weights, folder: Path, variant: str, options, rules: PortableRules = PortableRules()) -> dict:
+    """Write the standard-ops model.onnx (+ .data); return the manifest's graph and weights."""
+    _, table = build_portable_decoder(spec, weights, folder, max_context=options.max_context,
+                                      kv_dtype=options.kv_cache, model_name=MODEL_FILE, rules=rules)
+    graph = {"file": MODEL_FILE, "data": MODEL_FILE + ".data", "kv_dtype": options.kv_cache, "kv": "concat",
+             "logits": "last", "opset": 21, "session_config": dict(PORTABLE_SESSION_CONFIG),
+             "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key", "past_key_values.{i}.value"],
+             "outputs": ["logits", "present.{i}.key", "present.{i}.value"]}
+    return {"graph": graph, "weights": table, "backend": "onnxruntime"}
+
+
+def lower(spec, weights, folder: Path, variant: str, options) -> dict:
+    lowerings = {"ort": lower_ort, "portable": lower_portable}
+    return lowerings[variant](spec, weights, folder, variant, options)
+
+
 def _available() -> tuple[bool, str]:
     try:
         import onnxruntime  # noqa: F401
@@ -37,7 +60,10 @@ def _available() -> tuple[bool, str]:
 register_target(Target(
     name="onnx",
     variants={"ort": "onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention, "
-                     "SkipSimplifiedLayerNormalization); CPU, CUDA, mobile onnxruntime, onnxruntime-genai"},
+                     "SkipSimplifiedLayerNormalization); CPU, CUDA, mobile onnxruntime, onnxruntime-genai",
+              "portable": "standard ONNX ops only (opset 21): blocked DequantizeLinear int4, per-channel int8, "
+                          "float8e4m3fn Q/DQ, plain attention; what TensorRT and NPU compilers ingest"},
     needs="onnx to export, onnxruntime to run",
-    lower=lower_ort, available=_available, quant=("fp32", "int8", "int4"), backend="onnxruntime",
+    lower=lower, available=_available, quant=("fp32", "int8", "int4", "fp8"), backend="onnxruntime",
+    variant_quant={"ort": ("fp32", "int8", "int4")},
     default_variant="ort"))

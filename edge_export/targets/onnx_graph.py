@@ -21,10 +21,24 @@ IR_VERSION = 10
 BIG_TENSOR_BYTES, BIG_ALIGN, SMALL_ALIGN = 1 << 20, 1 << 16, 64
 
 
+def _packed_bytes(values: np.ndarray, data_type: str) -> bytes:
+    if data_type in ("INT4", "UINT4"):
+        flat = values.astype(np.uint8).reshape(-1) & 0x0F  # int8 -> two's complement nibble
+        flat = np.pad(flat, (0, flat.size % 2))
+        return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    if data_type in ("FLOAT8E4M3FN", "UINT8"):
+        return values.astype(np.uint8).tobytes()
+    if data_type == "INT8":
+        return values.astype(np.int8).tobytes()
+    raise ValueError(f"GraphWriter: no packing for ONNX type {data_type}")
+
+
 class GraphWriter:
     """Collects nodes, graph inputs/outputs and initializers; ``save()`` writes the .onnx file."""
 
-    def __init__(self, out_dir: str | Path, model_name: str = "model.onnx", graph_name: str = "model"):
+    def __init__(self, out_dir: str | Path, model_name: str = "model.onnx", graph_name: str = "model",
+                 opsets: dict[str, int] | None = None):
+        self.opsets = dict(OPSETS if opsets is None else opsets)
         self.out_dir = Path(out_dir)
         self.model_name = model_name
         self.data_name = model_name + ".data"
@@ -38,6 +52,7 @@ class GraphWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._data = open(self.out_dir / self.data_name, "wb")
         self._offset = 0
+        self._refs: dict[str, TensorProto] = {}
 
     # ---- values ----------------------------------------------------------------------
     def input(self, name: str, elem_type: int, shape: Sequence) -> str:
@@ -48,24 +63,42 @@ class GraphWriter:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """Append ``array`` to the external data file; returns the initializer's name."""
+    def weight(self, name: str, array: np.ndarray, data_type: str | None = None) -> str:
+        """Append ``array`` to the external data file; returns the initializer's name.
+
+        ``data_type`` stores it as an ONNX type numpy has no dtype for: "INT4"/"UINT4" (int8 or
+        uint8 values, packed two a byte, first element in the low nibble) or "FLOAT8E4M3FN"
+        (uint8 bit patterns)."""
         self._claim(name)
         array = np.ascontiguousarray(array)
-        align = BIG_ALIGN if array.nbytes >= BIG_TENSOR_BYTES else SMALL_ALIGN
+        raw = array.tobytes() if data_type is None else _packed_bytes(array, data_type)
+        elem_type = helper.np_dtype_to_tensor_dtype(array.dtype) if data_type is None else getattr(TensorProto, data_type)
+        align = BIG_ALIGN if len(raw) >= BIG_TENSOR_BYTES else SMALL_ALIGN
         pad = -self._offset % align
         if pad:
             self._data.write(b"\0" * pad)
             self._offset += pad
-        self._data.write(array.tobytes())
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                             dims=array.shape, data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
+        self._data.write(raw)
+        tensor = TensorProto(name=name, data_type=elem_type, dims=array.shape, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(len(raw)))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self._offset += array.nbytes
+        self._offset += len(raw)
         self.initializers.append(tensor)
+        self._refs[name] = tensor
         return name
+
+    def ref(self, name: str) -> dict:
+        """Where an external initializer's bytes are: {file, offset, length, dtype, shape}, the
+        reference runtimes/weights.py reads (packed types as their raw bytes, dtype uint8)."""
+        tensor = self._refs[name]
+        ext = {e.key: e.value for e in tensor.external_data}
+        plain = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT8: "int8",
+                 TensorProto.UINT8: "uint8"}
+        dtype = plain.get(tensor.data_type, "uint8")
+        shape = list(tensor.dims) if tensor.data_type in plain else [int(ext["length"])]
+        return {"file": ext["location"], "offset": int(ext["offset"]), "length": int(ext["length"]),
+                "dtype": dtype, "shape": shape}
 
     def const(self, value, dtype=np.int64) -> str:
         """A small inline constant, shared by value: ``/model/constants/INT64/[1]``."""
@@ -99,7 +132,7 @@ class GraphWriter:
         """Close the data file, write the .onnx file; returns both names (relative)."""
         self._data.close()
         graph = helper.make_graph(self.nodes, self.graph_name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in OPSETS.items()],
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets.items()],
                                   producer_name=producer, ir_version=IR_VERSION)
         (self.out_dir / self.model_name).write_bytes(model.SerializeToString())
         return [self.model_name, self.data_name]

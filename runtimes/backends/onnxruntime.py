@@ -1,7 +1,9 @@
 """The `onnxruntime` backend: the decoder graph with IOBinding over one preallocated KV buffer.
 
 Past and present KV are bound to the same OrtValues (GroupQueryAttention writes in place), so a
-token costs no cache reallocation or copy. Any execution provider can be named.
+token costs no cache reallocation or copy. Any execution provider can be named. A portable graph
+(``graph.kv == "concat"``: standard ops, present = [past, new]) is run by feeding each present
+back as the next past instead.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def session_options(threads: int | None):
 @register_backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    targets = ("onnx",)
+    targets = ("onnx", "tensorrt")  # a tensorrt artifact's graph runs here until its engine is built
     supports_providers = True
 
     @classmethod
@@ -58,12 +60,18 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailableError(f"execution provider '{ep}' is not in this onnxruntime build "
                                           f"(available: {', '.join(ort.get_available_providers())})")
         options = session_options(threads)
-        for key, value in (session_config or {}).items():
+        for key, value in {**graph.get("session_config", {}), **(session_config or {})}.items():
             options.add_session_config_entry(key, str(value))
         self.session = ort.InferenceSession(str(artifact.file(graph["file"])), options, providers=[ep])
         self.spec = artifact.spec
         self.kv_dtype = KV_DTYPES[graph.get("kv_dtype", "float32")]
         self.layers = self.spec.num_layers
+        self.position = 0
+        self.mask = np.ones((1, self.max_context), np.int64)
+        self.concat = graph.get("kv") == "concat"
+        if self.concat:
+            self.past: list[np.ndarray] = []
+            return
         shape = (1, self.spec.num_kv_heads, self.max_context, self.spec.head_dim)
         device = "cuda" if ep == "CUDAExecutionProvider" else "cpu"
         self.kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, device),
@@ -76,17 +84,31 @@ class OnnxRuntimeBackend(Backend):
             self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
             self.binding.bind_ortvalue_output(f"present.{i}.key", k)
             self.binding.bind_ortvalue_output(f"present.{i}.value", v)
-        self.position = 0
-        self.mask = np.ones((1, self.max_context), np.int64)
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         total = self.position + ids.shape[1]
+        if self.concat:
+            return self._run_concat(ids, total)
         self.binding.bind_cpu_input("input_ids", ids)
         self.binding.bind_cpu_input("attention_mask", self.mask[:, :total])
         self.session.run_with_iobinding(self.binding)
         self.position = total
         logits = self.binding.get_outputs()[0].numpy()
         return np.array(logits[0, -1], dtype=np.float32)  # a copy: the output buffer is reused
+
+    def _run_concat(self, ids: np.ndarray, total: int) -> np.ndarray:
+        if self.position == 0:
+            empty = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), self.kv_dtype)
+            self.past = [empty] * (2 * self.layers)
+        feeds = {"input_ids": ids, "attention_mask": self.mask[:, :total]}
+        for i in range(self.layers):
+            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = self.past[2 * i:2 * i + 2]
+        outputs = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        by_name = dict(zip(names, outputs))
+        self.past = [by_name[f"present.{i}.{kind}"] for i in range(self.layers) for kind in ("key", "value")]
+        self.position = total
+        return np.array(by_name["logits"][0, -1], dtype=np.float32)
 
     def prefill(self, ids) -> np.ndarray:
         self.position = 0
