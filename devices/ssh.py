@@ -71,8 +71,9 @@ class SshDevice(Device):
     """A Linux device reached with the system ssh client; see the module docstring for the steps.
 
     Options beyond the protocol's: ``timeout`` (s, the remote run), ``ssh_config`` (an ssh_config
-    file for ``ssh -F``; default ssh's own, or $EDGE_EXPORT_SSH_CONFIG), ``connect_timeout`` (s),
-    ``copier`` (auto | scp | rsync).
+    file for ``ssh -F``; default ssh's own, or $EDGE_EXPORT_SSH_CONFIG), ``remote_python`` (the
+    device's interpreter; default python3 on its PATH, or $EDGE_EXPORT_REMOTE_PYTHON),
+    ``connect_timeout`` (s), ``copier`` (auto | scp | rsync).
     """
 
     def bench(self, artifact: str, options: dict) -> dict:
@@ -122,6 +123,7 @@ class SshRun:
                                                          if options.get("connect_timeout") else {}))
         self.options, self.url = options, self.target.url
         self.folder = self.target.folder or DEFAULT_FOLDER
+        self.python = options.get("remote_python") or os.environ.get("EDGE_EXPORT_REMOTE_PYTHON") or "python3"
         self.run_id = uuid.uuid4().hex[:12]
         self.base: str | None = None  # the folder's absolute path on the device, once probed
         self.cleaned = False
@@ -256,15 +258,16 @@ class SshRun:
         return f"{self.base}/runs/{self.run_id}"
 
     def remote_python(self, mode: str, args: dict, stage: str, timeout: float, input: bytes | None = None,
-                      base: bool = True, python: str = "python3") -> dict:
+                      base: bool = True) -> dict:
         """Run one mode of devices/ssh_remote.py on the device; returns its JSON or raises."""
         args = {"base": self.base if base else self.folder, "run_id": self.run_id, **args}
-        command = f"{python} -c {shlex.quote(_remote_source())} {mode} {shlex.quote(json.dumps(args))}"
+        command = shlex.join([self.python, "-c", _remote_source(), mode, json.dumps(args)])
         proc = self.client.run(command, stage, timeout, input=input)
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         if proc.returncode == 127:
-            raise RemoteSetupError(f"{self.url}: no python3 on the device ({tail}); install it there "
-                                   "(e.g. apt-get install python3 python3-venv)")
+            raise RemoteSetupError(f"{self.url}: no {self.python} on the device ({tail}); install python3 there "
+                                   "(e.g. apt-get install python3 python3-venv) or name one "
+                                   "(EDGE_EXPORT_REMOTE_PYTHON)")
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             raise RemoteError(f"{self.url}: {stage} failed (exit {proc.returncode}): {tail}")

@@ -100,7 +100,8 @@ class SshClient:
 
     def __init__(self, target: SshTarget, config: str | None = None, connect_timeout: int = CONNECT_TIMEOUT_S):
         if not shutil.which("ssh"):
-            raise RemoteSetupError("ssh is not installed here; install the OpenSSH client (apt-get install openssh-client)")
+            raise RemoteSetupError("ssh is not installed here; install the OpenSSH client "
+                                   "(apt-get install openssh-client)")
         self.target, self.config, self.connect_timeout = target, config, connect_timeout
 
     def options(self) -> list[str]:

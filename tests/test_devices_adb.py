@@ -118,7 +118,8 @@ STANDIN_MODEL_BENCHMARK = textwrap.dedent('''\
     def per_token(label, values, tokens):
         avg, p50, sd, n = stats(values)
         print("%s:\\n\\tavg (us):       %g\\n\\tavg (tokens/s): %g\\n\\tp50 (us):       %g\\n\\tstddev (us):    %g"
-              "\\n\\tn:              %d * %d token(s)" % (label, avg * 1e6, tokens / avg, p50 * 1e6, sd * 1e6, n, tokens))
+              "\\n\\tn:              %d * %d token(s)"
+              % (label, avg * 1e6, tokens / avg, p50 * 1e6, sd * 1e6, n, tokens))
     print("Batch size: 1, prompt tokens: %d, tokens to generate: %d" % (len(ids), opts.generation_length))
     per_token("Prompt processing (time to first token)", prompt_times, len(ids))
     per_token("Token generation", token_times, 1)
@@ -227,7 +228,8 @@ def test_cli_bench_adb_with_runner_on_a_standin(standin_adb, standin_runner, art
                                     str(standin_runner), "--prompt-tokens", "16", "--new-tokens", "8", "--runs", "2",
                                     "--warmup", "0"])
     assert out.exit_code == 0, out.output
-    assert out.output.startswith(f"adb://{SERIAL}: TTFT") and "decode" in out.output and "(2 runs, medians)" in out.output
+    assert out.output.startswith(f"adb://{SERIAL}: TTFT") and "decode" in out.output
+    assert "(2 runs, medians)" in out.output
 
 
 @pytest.mark.parametrize("device, runner, message", [

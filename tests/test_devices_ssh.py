@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -150,8 +151,9 @@ def artifact(tiny_llama, tmp_path_factory):
 
 
 def bench(sshd: Sshd, artifact: Path, base: Path, config: Path | None = None, **options) -> dict:
+    # this interpreter, which has the runtime's packages (the ssh session's PATH may find another)
     return devices.bench(str(artifact), sshd.url(base), ssh_config=str(config or sshd.config),
-                         **{**QUICK, **options})
+                         **{"remote_python": sys.executable, **QUICK, **options})
 
 
 def runs_left(base: Path) -> list[str]:
@@ -197,6 +199,7 @@ def test_a_changed_blob_on_the_device_is_copied_again(sshd, artifact, tmp_path):
 
 def test_cli_bench_over_ssh_and_its_errors(sshd, artifact, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_EXPORT_SSH_CONFIG", str(sshd.config))
+    monkeypatch.setenv("EDGE_EXPORT_REMOTE_PYTHON", sys.executable)
     url = sshd.url(tmp_path / "remote")
     out = CliRunner().invoke(main, ["bench", str(artifact), "--device", url, "--prompt-tokens", "8",
                                     "--new-tokens", "4", "--runs", "1", "--warmup", "0", "--json"])
@@ -352,8 +355,6 @@ def test_remote_disk_filling_during_the_copy_is_a_clear_error(sshd, artifact, tm
 def test_the_device_side_stops_when_the_connection_closes(artifact, tmp_path):
     """devices/remote_run.py alone, as sshd would start it: when its stdin (the ssh channel) closes,
     it stops the runner and removes its run folder even if the client never comes back."""
-    import sys
-
     from runtimes.artifact import sha256_file
     base, run = tmp_path / "remote", "r1"
     (base / "runs" / run / "upload").mkdir(parents=True)
@@ -381,3 +382,9 @@ def test_a_folder_the_device_cannot_write_is_named_with_the_fix(sshd, artifact, 
     with pytest.raises(RemoteError, match=r"probing the device failed: .*readonly/blobs: Read-only file system; "
                                           "name a folder you can write there"):
         bench(sshd, artifact, base)
+
+
+def test_a_device_without_the_named_python_is_told_what_to_install(sshd, artifact, tmp_path):
+    with pytest.raises(RemoteError, match=r"no /opt/no-such-python3 on the device \(.*No such file or directory\); "
+                                          "install python3 there"):
+        bench(sshd, artifact, tmp_path / "remote", remote_python="/opt/no-such-python3")
