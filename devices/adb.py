@@ -161,6 +161,14 @@ class Adb:
             raise AdbError(f"{self.url}: {stage} failed ({_last_line(proc.stderr or proc.stdout)})"
                            + ("; free space on the device" if full else ""))
 
+    def stop(self, pattern: str) -> None:
+        """Best effort: end a runner left going on the device when adb gave up on it (a timeout)."""
+        try:
+            self._run(["-s", self.serial, "shell", f"pkill -f {shlex.quote(pattern)}"], "stopping the runner",
+                      SHORT_TIMEOUT_S)
+        except AdbError as e:
+            log.warning("%s: could not stop the runner (%s)", self.url, e)
+
     def shell(self, command: str, stage: str, timeout: float = SHORT_TIMEOUT_S) -> subprocess.CompletedProcess:
         """Run ``command`` in the device's shell; adb returns its exit status."""
         return self._run(["-s", self.serial, "shell", command], stage, timeout)
@@ -189,7 +197,11 @@ class AdbDevice(Device):
         prompt = push_prompt(adb, art, int(options.get("prompt_tokens") or 128))
         command = (f"cd {DEVICE_ROOT}/bin && LD_LIBRARY_PATH={DEVICE_ROOT}/bin "
                    + shlex.join([f"./{binary}", *kind.args(folder, prompt, options)]))
-        proc = adb.shell(command, f"running {runner.name}", float(options.get("timeout") or 3600))
+        try:
+            proc = adb.shell(command, f"running {runner.name}", float(options.get("timeout") or 3600))
+        except AdbError:
+            adb.stop(f"{binary} -i {folder}")
+            raise
         if proc.returncode != 0:
             raise AdbError(f"{adb.url}: {runner.name} failed (exit {proc.returncode}: "
                            f"{_last_line(proc.stderr or proc.stdout)}); nothing was recorded")

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +260,14 @@ def test_adb_missing_is_a_clear_error(artifact, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(AdbError, match=r"adb is not installed; install Android platform-tools"):
         devices.bench(str(artifact), f"adb://{SERIAL}", runner=str(_executable(tmp_path / "model_benchmark", "")))
+
+
+def test_a_runner_past_the_timeout_is_stopped_on_a_standin(standin_adb, artifact, tmp_path):
+    """Stand-in adb (no phone here): a runner that hangs is an error after --timeout, and is stopped."""
+    runner = _executable(tmp_path / "model_benchmark", "#!/bin/sh\nsleep 300\n")
+    start = time.monotonic()
+    with pytest.raises(AdbError, match=r"running model_benchmark did not finish within 2 s; raise --timeout"):
+        devices.bench(str(artifact), f"adb://{SERIAL}", runner=str(runner), timeout=2, **QUICK)
+    assert time.monotonic() - start < 30
+    left = subprocess.run(["pgrep", "-f", f"model_benchmark -i {standin_adb}"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
