@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, ContextOverflowError
 from .base import Backend, register_backend
 
 PROVIDERS = {
@@ -87,6 +87,9 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         total = self.position + ids.shape[1]
+        if total > self.max_context:
+            raise ContextOverflowError(f"{total} positions exceed the artifact's max_context {self.max_context} "
+                                       "(re-export with a larger --max-context)")
         if self.concat:
             return self._run_concat(ids, total)
         self.binding.bind_cpu_input("input_ids", ids)

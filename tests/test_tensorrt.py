@@ -1,0 +1,186 @@
+"""The tensorrt target: the fp16 explicit-quantization ONNX graph, its engine build plan, and what
+can be checked without TensorRT (it installs only from NVIDIA's index, with an NVIDIA GPU).
+
+Verified here: the graph's types and Q/DQ structure follow TensorRT's rules (symmetric, INT4
+weight-only, FP8 weights and activations, fp16 activations), onnxruntime runs the very graph
+the engine would be built from and agrees with the artifact's weights run by the reference
+backend, refusals (FP8 on an Ampere Jetson, zero points, no TensorRT here) are one clear line,
+and an engine built for another GPU or TensorRT version is refused. Building and running an
+engine needs TensorRT and a GPU: those tests skip with that reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import runtimes
+from edge_export.cli import main
+from edge_export.engine import summarize_layers
+from edge_export.export import ExportOptions, export
+from runtimes.backends.tensorrt import TensorRTBackend, engine_mismatch
+from runtimes.errors import BackendUnavailableError
+
+onnx = pytest.importorskip("onnx")
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+NO_TENSORRT = "TensorRT is not installed (it comes from NVIDIA's index and needs an NVIDIA GPU)"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def int4_artifact(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt") / "int4"
+    export(tiny_llama, out, ExportOptions(target="tensorrt", quant="int4", max_context=256, min_top1=0.0, max_kl=10))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8_artifact(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt") / "fp8"
+    prompts = out.parent / "calibration.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in (
+        "What is 17 * 23? Think step by step.", "Is 91 prime?", "Sort 5, 2, 9, 1.", "Explain why the sky is blue.")))
+    export(tiny_llama, out, ExportOptions(target="tensorrt", quant="fp8", max_context=256, min_top1=0.0, max_kl=10,
+                                          calibration=str(prompts)))
+    return out
+
+
+def graph(folder):
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False)
+
+
+def test_int4_graph_follows_tensorrt_rules(int4_artifact):
+    model = graph(int4_artifact)
+    inits = {t.name: t for t in model.graph.initializer}
+    types = {i.name: i.type.tensor_type.elem_type for i in list(model.graph.input) + list(model.graph.output)}
+    assert types["logits"] == onnx.TensorProto.FLOAT
+    assert types["past_key_values.0.key"] == types["present.0.key"] == onnx.TensorProto.FLOAT16
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    weights = [n for n in dq if inits[n.input[0]].data_type == onnx.TensorProto.INT4]
+    assert len(weights) == 7 * 2  # every projection of both layers: INT4 weight-only
+    assert all(len(n.input) == 2 for n in dq)  # symmetric: no zero points anywhere
+    assert all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in dq)  # fp16 GEMMs
+    assert all(next(a.i for a in n.attribute if a.name == "block_size") == 32 for n in weights)
+    assert {n.domain for n in model.graph.node} <= {""}
+
+
+def test_manifest_records_the_engine_plan(int4_artifact):
+    manifest = json.loads((int4_artifact / "edge_manifest.json").read_text())
+    engine = manifest["engine"]
+    assert manifest["target"] == "tensorrt" and manifest["backend"] == "onnxruntime" and engine["built"] is False
+    assert engine["strongly_typed"] and "--stronglyTyped" in engine["trtexec"]
+    profiles = engine["profiles"]
+    assert profiles["input_ids"]["max"] == [1, 256] and profiles["past_key_values.1.value"]["max"][2] == 255
+    assert all(f"{name}:" in engine["trtexec"] for name in profiles)
+    assert manifest["quantization"]["method"] == "rtn"  # the default here: TensorRT takes no Q4_1 minimums
+
+
+def test_graph_runs_here_and_matches_its_weights(int4_artifact):
+    """onnxruntime runs the graph the engine is built from; the reference backend runs the weights
+    table (read back from the same bytes): fp16 arithmetic is the only difference."""
+    ids = list(range(3, 40))
+    onnx_rt = runtimes.load(int4_artifact, threads=1)
+    ref = runtimes.load(int4_artifact, backend="reference")
+    a, b = onnx_rt.backend.prefill(ids), ref.backend.prefill(ids)
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+    for token in (5, 9, 11):
+        a, b = onnx_rt.backend.decode(token), ref.backend.decode(token)
+        assert int(a.argmax()) == int(b.argmax())
+
+
+def test_fp8_quantizes_weights_and_activations(fp8_artifact):
+    model = graph(fp8_artifact)
+    ops = Counter(n.op_type for n in model.graph.node)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert ops["QuantizeLinear"] == 7 * 2  # each projection's input, per-tensor scale from calibration
+    fp8 = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+           and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8) == 7 * 2 + 1  # and lm_head, weight-only (no activation statistics outside the layers)
+    manifest = json.loads((fp8_artifact / "edge_manifest.json").read_text())
+    scales = [e["activation_scale"] for e in manifest["weights"].values() if "activation_scale" in e]
+    assert len(scales) == 7 * 2 and all(s > 0 for s in scales)
+    assert manifest["verification"]["kl_mean"] < 0.05
+
+
+def test_fp8_refused_for_an_ampere_jetson(tiny_llama, tmp_path):
+    out = cli("export", str(tiny_llama), "-o", str(tmp_path / "a"), "--target", "tensorrt", "--quant", "fp8",
+              "--device", "jetson-orin-nano-8gb")
+    assert out.exit_code == 2
+    line = out.output.strip()
+    assert "\n" not in line and "Ampere" in line and "--quant int4" in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_asymmetric_int4_refused(tiny_llama, tmp_path):
+    out = cli("export", str(tiny_llama), "-o", str(tmp_path / "a"), "--target", "tensorrt", "--asymmetric")
+    assert out.exit_code == 2 and "symmetric" in out.output and not (tmp_path / "a").exists()
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the message where TensorRT is missing")
+def test_build_engine_without_tensorrt_is_one_line_and_changes_nothing(int4_artifact):
+    before = hashlib.sha256((int4_artifact / "edge_manifest.json").read_bytes()).hexdigest()
+    out = cli("build-engine", str(int4_artifact))
+    assert out.exit_code == 2 and "trtexec" in out.output and "--stronglyTyped" in out.output
+    assert hashlib.sha256((int4_artifact / "edge_manifest.json").read_bytes()).hexdigest() == before
+    assert not (int4_artifact / "model.engine").exists()
+
+
+def test_build_engine_refuses_other_targets(tmp_path, tiny_llama):
+    out_dir = tmp_path / "ort"
+    export(tiny_llama, out_dir, ExportOptions(quant="int4", max_context=32, verify=False))
+    out = cli("build-engine", str(out_dir))
+    assert out.exit_code == 2 and "--target tensorrt" in out.output
+
+
+def test_engine_for_another_gpu_or_version_is_refused():
+    built = {"built": True, "tensorrt": "10.13.0", "gpu": {"name": "Orin", "compute_capability": "87"}}
+    here = {"name": "Orin", "compute_capability": "87"}
+    assert engine_mismatch(built, here, "10.13.0") is None
+    assert "build-engine" in engine_mismatch({"built": False}, here, "10.13.0")
+    other_gpu = engine_mismatch(built, {"name": "NVIDIA H200", "compute_capability": "90"}, "10.13.0")
+    assert "Orin (sm_87)" in other_gpu and "NVIDIA H200 (sm_90)" in other_gpu and "rebuild" in other_gpu
+    other_trt = engine_mismatch(built, here, "10.14.1")
+    assert "10.13.0" in other_trt and "10.14.1" in other_trt
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the message where TensorRT is missing")
+def test_tensorrt_backend_says_why_it_cannot_run_here(int4_artifact):
+    ok, why = TensorRTBackend.available()
+    assert not ok and "TensorRT" in why
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        runtimes.load(int4_artifact, backend="tensorrt")
+
+
+def test_layer_precision_summary_flags_fp8_that_does_not_run_in_fp8():
+    """The inspector's JSON (ProfilingVerbosity.DETAILED, TensorRT 10's field names): an FP8 artifact
+    whose GEMMs take FP16 inputs gets a warning, as TensorRT issue 4590 reports happening."""
+    def layer(name, kind, fmt):
+        return {"Name": name, "LayerType": kind, "Inputs": [{"Name": "x", "Format/Datatype": fmt}]}
+    fp16 = "Row major linear FP16 format"
+    fp8 = "Row major linear FP8 format"
+    silent = {"Layers": [layer("q_proj", "CaskGemmMatrixMultiply", fp16), layer("norm", "Reduce", "Row major linear FP32 format")]}
+    summary = summarize_layers(silent, "fp8")
+    assert summary["by_precision"] == {"fp16": 1, "fp32": 1} and summary["fp8_gemms"] == 0 and "warning" in summary
+    real = {"Layers": [layer("q_proj", "CaskGemmMatrixMultiply", fp8), layer("o_proj", "gemm", fp8)]}
+    summary = summarize_layers(real, "fp8")
+    assert summary["fp8_gemms"] == 2 and "warning" not in summary
+
+
+@pytest.mark.skipif(not HAS_TENSORRT, reason=NO_TENSORRT)
+def test_build_engine_and_generate(int4_artifact):  # pragma: no cover - needs TensorRT and a GPU
+    out = cli("build-engine", str(int4_artifact), "--json")
+    assert out.exit_code == 0
+    engine = json.loads(out.output)
+    assert engine["built"] and engine["layers"]["count"] > 0
+    rt = runtimes.load(int4_artifact)
+    ref = runtimes.load(int4_artifact, backend="reference")
+    ids = list(range(3, 40))
+    assert int(rt.backend.prefill(ids).argmax()) == int(ref.backend.prefill(ids).argmax())
