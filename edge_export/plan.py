@@ -56,7 +56,7 @@ def exportable() -> set[tuple[str, str]]:
     for t in all_targets():
         for variant in t.variants:
             names = {f"{t.name}/{variant}"} | ({t.name} if variant == t.default_variant else set())
-            pairs |= {(name, quant) for name in names for quant in t.quant}
+            pairs |= {(name, quant) for name in names for quant in t.variant_quant.get(variant, t.quant)}
     return pairs
 
 

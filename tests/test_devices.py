@@ -169,11 +169,11 @@ def test_plan_reads_a_checkpoint_folder(tiny_llama):
 
 def test_plan_prefers_what_this_version_exports():
     nano = plan("r1-distill-qwen-7b", "jetson-orin-nano-8gb")
-    assert nano["recommended"]["target"] == "onnx/ort" and "exportable" in nano["recommended"]["reason"]
-    assert not next(o for o in nano["options"] if o["target"] == "tensorrt")["exportable"]
+    assert nano["recommended"]["target"] == "tensorrt" and nano["recommended"]["quant"] == "int4"
+    trt = {o["quant"]: o["exportable"] for o in nano["options"] if o["target"] == "tensorrt"}
+    assert trt["int4"] and not trt.get("int8", False)  # TensorRT's INT8 needs activation scales: not exported
     iphone = plan("r1-distill-qwen-1.5b", "apple-a17-pro")  # Core ML is the only target there
     assert iphone["recommended"]["target"] == "coreml"
-    assert "cannot produce coreml yet" in iphone["recommended"]["reason"]
 
 
 def test_plan_offers_fp8_on_thor_and_reports_nothing_fitting():
