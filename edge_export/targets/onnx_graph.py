@@ -139,5 +139,7 @@ class GraphWriter:
 
     def abort(self) -> None:
         """After a failure: close and delete the partial data file."""
-        self._data.close()
-        (self.out_dir / self.data_name).unlink(missing_ok=True)
+        try:
+            self._data.close()  # flushes what is buffered: fails again when the failure was a full disk
+        finally:
+            (self.out_dir / self.data_name).unlink(missing_ok=True)
