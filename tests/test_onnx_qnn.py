@@ -1,0 +1,194 @@
+"""The onnx/qnn variant: QDQ graphs for onnxruntime's QNN execution provider, and the `qnn` backend.
+
+Built from the real SmolLM2-135M-Instruct (its GGUF, first 2 of 30 layers, full 49152 vocabulary):
+the HTP simulator runs about 20 M weights a second, so a 2-layer slice (35 M weights, most of
+them the tied lm_head) costs ~2 s a step and the whole model ~7 s. Graph-structure and CPU checks
+run everywhere; the HTP checks need onnxruntime-qnn (pip install onnxruntime-qnn, a plugin beside
+onnxruntime, Linux x86_64 / Windows) and skip with that reason elsewhere.
+
+Tolerances, over the prompt's last position and (w8a16) the next 3 greedy tokens, teacher-forced:
+- the NPU's own arithmetic: KL(reference decoder on the artifact's stored weights || HTP) mean
+  < 0.02 nats (measured: 0.001-0.006);
+- end to end against the float checkpoint: w8a16 KL mean < 0.05 and top-1 >= 3/4 (measured:
+  0.006, 4/4); w4a16 (LPBQ) KL < 0.5 (measured 0.015: int4 on a 2-layer slice moves a lot).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import runtimes
+from edge_export.checkpoint import open_checkpoint
+from edge_export.checkpoint.safetensors_io import write_safetensors
+from edge_export.errors import ExportError
+from edge_export.export import ExportOptions, export
+from edge_export.targets.onnx_qnn import compile_context, lpbq
+from runtimes.backends.qnn import StaticDecoder, qnn_available
+from runtimes.errors import ArtifactError, ContextOverflowError
+from runtimes.models import get_architecture
+from runtimes.reference import ReferenceDecoder
+
+QNN_OK, QNN_WHY = qnn_available()
+needs_qnn = pytest.mark.skipif(not QNN_OK, reason=QNN_WHY)
+LAYERS, CONTEXT = 2, 256
+PROMPT = "What is the capital of France? Answer briefly."
+STANDARD_OPS = {"QuantizeLinear", "DequantizeLinear", "MatMul", "Add", "Mul", "Sigmoid", "Softmax", "Gather",
+                "Reshape", "Transpose", "Concat", "Slice", "RMSNormalization"}
+
+
+@pytest.fixture(scope="module")
+def smollm2_slice(tmp_path_factory):
+    """The real SmolLM2's first LAYERS layers as an HF folder (float32 from the GGUF's blocks)."""
+    ckpt = open_checkpoint("smollm2-135m")
+    spec = dataclasses.replace(ckpt.spec, num_layers=LAYERS)
+    folder = tmp_path_factory.mktemp("smollm2_slice")
+    write_safetensors(folder / "model.safetensors",
+                      [(n, s, "F32", (lambda n=n: ckpt.tensor(n))) for n, s in spec.tensor_shapes().items()])
+    (folder / "config.json").write_text(json.dumps(get_architecture(spec.architecture).config_from_spec(spec)))
+    tok = ckpt.tokenizer
+    tok.tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": tok.chat_template, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+        "add_bos_token": tok.add_bos}))
+    return folder
+
+
+def _export(source, folder, quant):
+    return export(source, folder, ExportOptions(target="onnx", variant="qnn", quant=quant, max_context=CONTEXT,
+                                                verify=False))
+
+
+@pytest.fixture(scope="module")
+def w8a16(smollm2_slice, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qnn") / "w8a16"
+    return folder, _export(smollm2_slice, folder, "int8")
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    lp, lq = (x - x.max() - np.log(np.exp(x - x.max()).sum()) for x in (p_logits.astype(np.float64),
+                                                                       q_logits.astype(np.float64)))
+    return float((np.exp(lp) * (lp - lq)).sum())
+
+
+def _compare(candidate, references, ids, steps):
+    """Teacher-forced on the first reference's greedy tokens: per reference, KLs and top-1 hits."""
+    rows = [[candidate.prefill(ids)] + [r.prefill(ids) for r in references]]
+    for _ in range(steps):
+        token = int(np.argmax(rows[-1][1]))
+        rows.append([candidate.decode(token)] + [r.decode(token) for r in references])
+    return [([_kl(row[j], row[0]) for row in rows], [row[j].argmax() == row[0].argmax() for row in rows])
+            for j in range(1, len(references) + 1)]
+
+
+# ---- everywhere: the graphs themselves -----------------------------------------------------
+def test_graphs_are_static_qdq_of_standard_ops(w8a16):
+    folder, manifest = w8a16
+    graph = manifest["graph"]
+    assert manifest["variant"] == "qnn" and manifest["backend"] == "qnn"
+    assert {"prefill.onnx", "decode.onnx", "prefill.onnx.data"} <= set(manifest["files"])
+    assert graph["soc"]["name"] == "SM8650" and graph["soc"]["htp_arch"] == 75
+    for name, seq in (("prefill", graph["prefill"]["seq_len"]), ("decode", 1)):
+        model = onnx.load(str(folder / graph[name]["file"]), load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        assert ops <= STANDARD_OPS and {n.domain for n in model.graph.node} <= {""}, ops - STANDARD_OPS
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [23]
+        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                  for v in list(model.graph.input) + list(model.graph.output)}
+        assert all(all(d > 0 for d in shape) for shape in shapes.values())  # static
+        assert shapes["past.0.key"] == [1, 3, CONTEXT, 64] and shapes["present.1.value"] == [1, 3, seq, 64]
+        assert shapes["attention_mask"] == [1, 1, seq, CONTEXT + seq] and shapes["logits"] == [1, 1, 49152]
+        types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+        assert types.pop("input_ids") == onnx.TensorProto.INT32
+        assert set(types.values()) == {onnx.TensorProto.UINT16}  # the cache and logits are codes
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".qweight")]
+    assert len(weights) == LAYERS * 7 + 1  # q, k, v, o, gate, up, down per layer; lm_head
+    assert graph["quantization"]["calibration"]["prompts"] == 16
+
+
+def test_qdq_graphs_on_cpu_match_the_reference(w8a16, smollm2_slice):
+    """onnxruntime's CPU provider runs the same QDQ graphs (exact Q/DQ arithmetic in float): the
+    graphs, the chunking and the cache bookkeeping are right independently of the NPU."""
+    import onnxruntime as ort
+    folder, manifest = w8a16
+    graph = manifest["graph"]
+    sessions = {k: ort.InferenceSession(str(folder / graph[k]["file"]), providers=["CPUExecutionProvider"])
+                for k in ("prefill", "decode")}
+    names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+    artifact = runtimes.artifact.load_artifact(folder)
+    cpu = StaticDecoder(artifact.spec, graph, CONTEXT,
+                        lambda k, feeds: dict(zip(names[k], sessions[k].run(None, feeds))), graph["io"])
+    stored = runtimes.load(folder, backend="reference").backend
+    ckpt = open_checkpoint(smollm2_slice)
+    ids = runtimes.load(folder, backend="reference").prompt_ids(PROMPT)
+    long_ids = ids * 2  # 2 chunks: the first padded on the left
+    (kl_stored, top1_stored), = _compare(cpu, [stored], long_ids, 3)
+    assert np.mean(kl_stored) < 0.02 and np.mean(top1_stored) >= 0.75, (kl_stored, top1_stored)
+    (kl_float, _), = _compare(cpu, [ReferenceDecoder(ckpt.spec, ckpt.tensor, max_context=CONTEXT)], ids, 1)
+    assert np.mean(kl_float) < 0.05, kl_float
+
+
+def test_lpbq_packs_int4_with_4bit_block_scales():
+    """QNN's low-power blocks: int4 codes, a float scale per row times 1..15 per block of 32; its
+    error is no worse than plain max/7 int4 groups with float scales."""
+    w = np.random.default_rng(0).standard_normal((48, 128)).astype(np.float32)
+    lin = lpbq(w, 32)
+    assert lin.codes.shape == (128, 48) and lin.codes.min() >= -8 and lin.codes.max() <= 7
+    assert lin.block_scales.shape == (4, 48) and 1 <= lin.block_scales.min() and lin.block_scales.max() <= 15
+    block_scales = lin.block_scales * lin.scales  # [4 blocks, 48 rows]
+    back = (lin.codes.astype(np.float32).reshape(4, 32, 48) * block_scales[:, None, :]).reshape(128, 48).T
+    groups = w.reshape(48, 4, 32)
+    plain_scales = np.abs(groups).max(-1, keepdims=True) / 7
+    plain = (np.clip(np.round(groups / plain_scales), -8, 7) * plain_scales).reshape(48, 128)
+    assert np.square(back - w).sum() <= np.square(plain - w).sum()
+
+
+def test_qnn_refuses_float_and_foreign_artifacts(smollm2_slice, tmp_path):
+    with pytest.raises(ExportError, match=r"--quant fp32 cannot be carried by target onnx/qnn \(it takes: int8, int4\)"):
+        export(smollm2_slice, tmp_path / "f", ExportOptions(target="onnx", variant="qnn", quant="fp32", verify=False))
+    assert not (tmp_path / "f").exists()
+    if QNN_OK:
+        ort_folder = tmp_path / "ort"
+        export(smollm2_slice, ort_folder, ExportOptions(quant="int8", max_context=64, verify=False))
+        with pytest.raises(ArtifactError, match="the qnn backend runs artifacts of --target onnx --variant qnn"):
+            runtimes.load(ort_folder, backend="qnn")
+
+
+# ---- on the HTP simulator --------------------------------------------------------------------
+@needs_qnn
+def test_w8a16_runs_every_node_on_the_htp_and_matches(w8a16, smollm2_slice):
+    """Compiled for the SoC into context binaries (which also proves every node went to QNN: CPU
+    fallback is disabled), then run through the qnn backend against both references."""
+    folder, _ = w8a16
+    context = compile_context(folder)
+    for graph, counts in context["nodes_by_provider"].items():
+        assert set(counts) == {"QNNExecutionProvider"} and counts["QNNExecutionProvider"] > 250, (graph, counts)
+    rt = runtimes.load(folder)  # the manifest's backend: qnn, on the context binaries
+    assert rt.backend.name == "qnn" and rt.backend.ep_assignment()["decode"] == {"QNNExecutionProvider": 1}
+    ckpt = open_checkpoint(smollm2_slice)
+    ids = rt.prompt_ids(PROMPT)
+    stored = runtimes.load(folder, backend="reference").backend
+    (kl_float, top1_float), (kl_stored, _) = _compare(
+        rt.backend, [ReferenceDecoder(ckpt.spec, ckpt.tensor, max_context=CONTEXT), stored], ids, 3)
+    assert np.mean(kl_stored) < 0.02, kl_stored
+    assert np.mean(kl_float) < 0.05 and np.mean(top1_float) >= 0.75, (kl_float, top1_float)
+    with pytest.raises(ContextOverflowError, match="do not fit the artifact's context of 256"):
+        rt.backend.prefill([1] * (CONTEXT + 1))
+
+
+@needs_qnn
+def test_w4a16_lpbq_on_the_htp_and_the_generator(smollm2_slice, tmp_path):
+    manifest = _export(smollm2_slice, tmp_path / "w4a16", "int4")
+    assert manifest["graph"]["quantization"]["scheme"].startswith("w4a16: int4 LPBQ")
+    rt = runtimes.load(tmp_path / "w4a16", backend="qnn")  # compiled from the QDQ graphs at load
+    assert {n for counts in rt.backend.ep_assignment().values() for n in counts} == {"QNNExecutionProvider"}
+    ckpt = open_checkpoint(smollm2_slice)
+    stored = runtimes.load(tmp_path / "w4a16", backend="reference").backend
+    (kl_float, _), (kl_stored, _) = _compare(
+        rt.backend, [ReferenceDecoder(ckpt.spec, ckpt.tensor, max_context=CONTEXT), stored], rt.prompt_ids(PROMPT), 0)
+    assert np.mean(kl_stored) < 0.02 and np.mean(kl_float) < 0.5, (kl_stored, kl_float)
+    result = rt.generate(PROMPT, temperature=0, max_new_tokens=2)  # the shared Generator over the HTP
+    assert result.new_tokens == 2 and result.ttft_ms > 0 and result.decode_tok_s > 0
