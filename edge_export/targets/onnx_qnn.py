@@ -52,6 +52,7 @@ FOLD_WEIGHTS_BYTES = 2 << 30
 SOCS = {"SM8550": (43, 73, "Snapdragon 8 Gen 2"), "SM8650": (57, 75, "Snapdragon 8 Gen 3"),
         "SM8750": (69, 79, "Snapdragon 8 Elite"), "SC8380XP": (60, 73, "Snapdragon X Elite")}
 DEFAULT_SOC = "SM8650"
+SIMULATED_WEIGHTS_PER_S = 20e6  # onnxruntime-qnn 2.7's HTP simulator on one x86_64 core (SmolLM2, measured)
 INT64_MAX = np.iinfo(np.int64).max
 
 ACT = ("act",)  # calibrated per-tensor range
@@ -552,6 +553,7 @@ def lower_qnn(spec: ModelSpec, weights, folder: Path, variant: str, options) -> 
     soc_model, htp_arch, marketing = SOCS[soc_name]
     seq = min(PREFILL_LEN, options.max_context)
     prompts = _calibration_prompts(weights, options)
+    _warn_simulated_verification(spec, options)
     folder = Path(folder)
     graph = GraphWriter(folder, PREFILL)
     try:
@@ -585,6 +587,16 @@ def lower_qnn(spec: ModelSpec, weights, folder: Path, variant: str, options) -> 
         "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
     }
     return {"graph": graph_section, "weights": builder.table, "backend": "qnn"}
+
+
+def _warn_simulated_verification(spec: ModelSpec, options) -> None:
+    """Off a Snapdragon, onnxruntime-qnn's HTP is a simulator of about SIMULATED_WEIGHTS_PER_S."""
+    import platform
+    if options.verify and platform.machine().lower() in ("x86_64", "amd64"):
+        step_s = spec.parameter_count / SIMULATED_WEIGHTS_PER_S
+        logger.warning("verification runs the artifact on the HTP simulator, about %.0f s a token for this model "
+                       "(%.1f h for the 24 built-in prompts x 64 steps); --no-verify skips it, --prompts FILE "
+                       "with a few prompts shortens it", step_s, step_s * 24 * 64 / 3600)
 
 
 def _calibration_prompts(weights, options) -> list[list[int]]:

@@ -130,7 +130,7 @@ class StaticDecoder:
     def prefill(self, ids) -> np.ndarray:
         ids = [int(t) for t in ids]
         if not ids:
-            raise ContextOverflowError("prefill needs at least one token")
+            raise ContextOverflowError("an empty prompt: prefill needs at least one token")
         self._check_fits(len(ids))
         self.length = 0
         pad = -len(ids) % self.chunk
@@ -189,6 +189,9 @@ class QnnBackend(Backend):
 
     def __init__(self, artifact, provider=None, threads=None, provider_options: dict | None = None):
         super().__init__(artifact, provider, threads)
+        if provider not in (None, "qnn", EP_NAME):
+            raise BackendUnavailableError(f"the qnn backend runs on QNN's HTP only, not --provider {provider}; "
+                                          "--backend reference runs the same weights on the CPU")
         graph = artifact.manifest.get("graph", {})
         if artifact.variant != "qnn" or "prefill" not in graph:
             raise ArtifactError(f"{artifact.path}: the qnn backend runs artifacts of --target onnx --variant qnn; "
