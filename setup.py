@@ -14,6 +14,10 @@ ALL = EXPORT + ["torch==2.13.0", "coremltools==9.0", "onnx-ir", "polygraphy", "o
 DEV = ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "onnxruntime-genai", "ml_dtypes",
        # the qnn backend's tests: a plugin beside onnxruntime (>= 1.24) whose HTP simulator runs on Linux x86_64
        "onnxruntime-qnn==2.7.0; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version >= '3.11'"]
+# `export --via optimum` (architectures outside the registry). optimum-onnx 0.1.0 pins optimum~=2.1 and
+# transformers<4.58, so installing it moves transformers 5.x back to 4.57 (tokenizers and huggingface_hub
+# with it): not in `all` or `dev`; install it where that is acceptable, e.g. a virtual environment of its own.
+OPTIMUM = ["optimum-onnx>=0.1", "torch==2.13.0", "onnx>=1.17"]
 
 setup(
     name="edge-export",
@@ -23,6 +27,6 @@ setup(
     packages=find_packages(include=["edge_export*", "quantizers*", "runtimes*", "devices*"]),
     package_data={"edge_export": ["data/*"]},
     install_requires=RUNTIME + ["click>=8.1"],
-    extras_require={"export": EXPORT, "all": ALL, "dev": DEV},
+    extras_require={"export": EXPORT, "all": ALL, "dev": DEV, "optimum": OPTIMUM},
     entry_points={"console_scripts": ["edge-export=edge_export.cli:main"]},
 )

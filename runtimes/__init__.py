@@ -70,6 +70,12 @@ def load(path: str | Path, backend: str | None = None, provider: str | None = No
     name = backend or artifact.manifest.get("backend") or DEFAULT_BACKENDS.get(artifact.target)
     if name is None:
         raise ArtifactError(f"{path}: the manifest names no backend for target '{artifact.target}'")
+    only = artifact.manifest.get("backends")  # an artifact that only some backends can run says which
+    if only and name not in only:
+        note = artifact.manifest.get("backends_note")
+        raise ArtifactError(f"{path}: backend '{name}' cannot run this {artifact.target}/{artifact.variant} artifact "
+                            f"of {artifact.spec.architecture}" + (f" ({note})" if note else "")
+                            + f"; it runs on: {', '.join(only)}")
     return Runtime(artifact, get_backend(name)(artifact, provider=provider, threads=threads))
 
 

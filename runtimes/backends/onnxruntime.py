@@ -3,13 +3,14 @@
 Past and present KV are bound to the same OrtValues (GroupQueryAttention writes in place), so a
 token costs no cache reallocation or copy. Any execution provider can be named. A portable graph
 (``graph.kv == "concat"``: standard ops, present = [past, new]) is run by feeding each present
-back as the next past instead.
+back as the next past instead; so is optimum-onnx's graph (variant ``optimum``), which also takes
+``position_ids`` and whose past dtype and head dims are read from its declared inputs.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ContextOverflowError
+from ..errors import ArtifactError, BackendUnavailableError, ContextOverflowError
 from .base import Backend, register_backend
 
 PROVIDERS = {
@@ -18,6 +19,9 @@ PROVIDERS = {
     "nnapi": "NnapiExecutionProvider", "dml": "DmlExecutionProvider", "openvino": "OpenVINOExecutionProvider",
 }
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Inputs a concat graph may take: what this backend knows how to feed.
+CONCAT_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def provider_name(provider: str | None) -> str:
@@ -71,6 +75,7 @@ class OnnxRuntimeBackend(Backend):
         self.concat = graph.get("kv") == "concat"
         if self.concat:
             self.past: list[np.ndarray] = []
+            self._concat_inputs()
             return
         shape = (1, self.spec.num_kv_heads, self.max_context, self.spec.head_dim)
         device = "cuda" if ep == "CUDAExecutionProvider" else "cpu"
@@ -84,6 +89,23 @@ class OnnxRuntimeBackend(Backend):
             self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
             self.binding.bind_ortvalue_output(f"present.{i}.key", k)
             self.binding.bind_ortvalue_output(f"present.{i}.value", v)
+
+    def _concat_inputs(self) -> None:
+        """The empty past (dtype and head dims as the graph declares them) and the extra inputs to feed."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        past = inputs.get("past_key_values.0.key")
+        if past is None or past.type not in ORT_TYPES:
+            raise ArtifactError(f"{self.artifact.path}: the graph's past_key_values.0.key is "
+                                f"{past.type if past else 'missing'}; this backend feeds a float32 or float16 cache")
+        unknown = [n for n in inputs if n not in CONCAT_INPUTS and not n.startswith("past_key_values.")]
+        if unknown:
+            raise ArtifactError(f"{self.artifact.path}: graph input(s) {', '.join(unknown)} are not ones the "
+                                f"onnxruntime backend feeds ({', '.join(CONCAT_INPUTS)}, past_key_values.*)")
+        dims = [d if isinstance(d, int) else None for d in past.shape]  # [batch, kv heads, past, head_dim]
+        heads, head_dim = (dims[1], dims[3]) if len(dims) == 4 else (None, None)
+        self.empty_past = np.zeros((1, heads or self.spec.num_kv_heads, 0, head_dim or self.spec.head_dim),
+                                   ORT_TYPES[past.type])
+        self.position_ids = "position_ids" in inputs
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         total = self.position + ids.shape[1]
@@ -101,9 +123,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _run_concat(self, ids: np.ndarray, total: int) -> np.ndarray:
         if self.position == 0:
-            empty = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), self.kv_dtype)
-            self.past = [empty] * (2 * self.layers)
+            self.past = [self.empty_past] * (2 * self.layers)
         feeds = {"input_ids": ids, "attention_mask": self.mask[:, :total]}
+        if self.position_ids:
+            feeds["position_ids"] = np.arange(self.position, total, dtype=np.int64).reshape(1, -1)
         for i in range(self.layers):
             feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = self.past[2 * i:2 * i + 2]
         outputs = self.session.run(None, feeds)
