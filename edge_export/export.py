@@ -184,14 +184,17 @@ def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
     del reference
     from runtimes.artifact import read_manifest
     artifact = read_manifest(folder, staging_ok=True)
-    # a target whose artifact cannot run here (Core ML off macOS) names what verifies it instead
-    make = get_target(artifact.target, artifact.variant)[0].extra.get("verify_backend")
-    backend = make(artifact, options) if make else runtimes.get_backend(artifact.manifest["backend"])(
-        artifact, threads=options.threads)
-    runtime = runtimes.Runtime(artifact, backend)
-    figures = compare(_Fixed(ref_tokens, ref_logprobs), RuntimeScorer(runtime.backend), prompts).to_dict()
-    if getattr(backend, "verified_with", None):
-        figures["verified_with"] = backend.verified_with
+    # a target whose artifact cannot run here (Core ML off macOS) brings what verifies it instead
+    make = get_target(artifact.target, artifact.variant)[0].extra.get("verify_scorer")
+    if make:
+        candidate = make(artifact, options)
+    else:
+        runtime = runtimes.Runtime(artifact, runtimes.get_backend(artifact.manifest["backend"])(
+            artifact, threads=options.threads))
+        candidate = RuntimeScorer(runtime.backend)
+    figures = compare(_Fixed(ref_tokens, ref_logprobs), candidate, prompts).to_dict()
+    if getattr(candidate, "verified_with", None):
+        figures["verified_with"] = candidate.verified_with
     return figures
 
 

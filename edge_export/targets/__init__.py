@@ -65,6 +65,7 @@ def describe_targets() -> list[dict]:
 
 def _load_builtin() -> None:
     from . import onnx  # noqa: F401  (registration side effect)
+    from . import coreml  # noqa: F401
     from . import tensorrt  # noqa: F401
 
 
