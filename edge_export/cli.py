@@ -134,16 +134,21 @@ TARGET_HELP = """Targets and variants (`edge-export targets` says which run here
 @click.option("--max-kl", type=float, help="Verification threshold on kl_mean (default 0.5).")
 @click.option("--min-top1", type=float, help="Verification threshold on top1_agreement (default 0.70).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at OUT (atomically).")
+@click.option("--via", type=click.Choice(["optimum"]),
+              help="Export through another exporter: optimum (optimum-onnx, then int4 by onnxruntime's "
+                   "MatMulNBitsQuantizer) for architectures outside the registry; --quant int4|fp32, verified "
+                   "against the transformers model.")
 @click.option("--json", "as_json", is_flag=True)
 def export(checkpoint, out, target, variant, quant, method, head, group_size, asymmetric, act_order, max_context,
-           kv_cache, accuracy_level, device, fp8_activations, calibration, no_verify, max_kl, min_top1, overwrite, as_json):
+           kv_cache, accuracy_level, device, fp8_activations, calibration, no_verify, max_kl, min_top1, overwrite, via,
+           as_json):
     """Quantize CHECKPOINT, lower it to a target, verify it, and publish an artifact at OUT."""
     from .export import ExportOptions, export as run_export
     options = ExportOptions(target=target, variant=variant, quant=quant, method=method, group_size=int(group_size),
                             symmetric=not asymmetric, act_order=act_order, head=head, max_context=max_context,
                             kv_cache={"fp32": "float32", "fp16": "float16"}[kv_cache],
                             accuracy_level=int(accuracy_level), fp8_activations=fp8_activations, device=device,
-                            calibration=calibration, verify=not no_verify, overwrite=overwrite,
+                            calibration=calibration, verify=not no_verify, overwrite=overwrite, via=via,
                             **{k: v for k, v in (("max_kl", max_kl), ("min_top1", min_top1)) if v is not None})
     manifest = run_export(checkpoint, out, options, progress=lambda s: None if as_json else click.echo(s, err=True))
     if as_json:
@@ -308,10 +313,12 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cal
 
 @main.command()
 @click.argument("artifact")
-@click.option("--device", "device", default="host", show_default=True,
+@click.option("--device", "device_specs", multiple=True, default=("host",), show_default=True,
               help="host; ssh://[user@]host[:port][/folder] (a Linux board, through your ssh config); "
                    "adb://SERIAL (an Android device, with --runner); estimate:PROFILE for a roofline estimate "
-                   "(profiles: `edge-export devices`).")
+                   "(profiles: `edge-export devices`). Repeat it to benchmark several devices at once, each in its "
+                   "own thread (host runs alone after the others): runs on one machine share its cores and disturb "
+                   "each other's timings, so a device may be listed once.")
 @click.option("--prompt-tokens", default=128, show_default=True)
 @click.option("--new-tokens", default=128, show_default=True)
 @click.option("--runs", default=5, show_default=True)
@@ -322,23 +329,42 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cal
 @click.option("--runner", type=click.Path(dir_okay=False, exists=True),
               help="adb:// only: the benchmark binary to push and run (onnxruntime-genai's model_benchmark).")
 @click.option("--timeout", default=3600, show_default=True, help="Seconds the benchmark may run on the device.")
-@click.option("--json", "as_json", is_flag=True)
-def bench(artifact, device, prompt_tokens, new_tokens, runs, warmup, threads, backend, long_context, runner, timeout,
-          as_json):
-    """Time ARTIFACT by the shared protocol (prompt, greedy tokens, warm-up, medians)."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result object; with several --device, a list of them (a failed device: "
+                   "{device, error}).")
+@click.pass_context
+def bench(ctx, artifact, device_specs, prompt_tokens, new_tokens, runs, warmup, threads, backend, long_context, runner,
+          timeout, as_json):
+    """Time ARTIFACT by the shared protocol (prompt, greedy tokens, warm-up, medians).
+
+    With several --device, every device gets its own line (or JSON entry) and the exit code is 2
+    if any of them failed; the others' results are kept."""
     import devices
-    result = devices.bench(artifact, device, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
-                           warmup=warmup, threads=threads, backend=backend, long_context=long_context or None,
-                           runner=runner, timeout=timeout)
+    options = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads,
+                   backend=backend, long_context=long_context or None, runner=runner, timeout=timeout)
+    if len(device_specs) == 1:
+        result = devices.bench(artifact, device_specs[0], **options)
+        emit_json(result) if as_json else click.echo(_result_line(result))
+        return
+    entries = devices.bench_devices(artifact, list(device_specs), **options)
     if as_json:
-        emit_json(result)
-        return
+        emit_json(entries)
+    else:
+        for entry in entries:
+            if "error" in entry:
+                click.echo(f"{entry['device']}: error: {entry['error']}", err=True)
+            else:
+                click.echo(_result_line(entry))
+    if any("error" in entry for entry in entries):
+        ctx.exit(2)
+
+
+def _result_line(result: dict) -> str:
     if result.get("estimated"):
-        click.echo(f"{result['device']} (estimate, not measured): TTFT {result['ttft_ms']:.1f} ms, decode "
-                   f"{result['decode_tok_s']:.1f} tok/s, memory {result['peak_rss_mb']:.0f} MB of a "
-                   f"{result['budget_mb']:.0f} MB budget ({result['method']['engine']} roofline)")
-        return
-    click.echo(_measured_line(result))
+        return (f"{result['device']} (estimate, not measured): TTFT {result['ttft_ms']:.1f} ms, decode "
+                f"{result['decode_tok_s']:.1f} tok/s, memory {result['peak_rss_mb']:.0f} MB of a "
+                f"{result['budget_mb']:.0f} MB budget ({result['method']['engine']} roofline)")
+    return _measured_line(result)
 
 
 def _measured_line(result: dict) -> str:

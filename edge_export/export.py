@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,7 @@ from quantizers.schemes import Fp8Config, Int4Config, Int8Config, Rules
 
 from .artifact import publish, staging_folder, write_manifest
 from .checkpoint import open_checkpoint
-from .errors import ExportError, VerificationError
+from .errors import ExportError, UnsupportedArchitectureError, VerificationError
 from .quantize import QuantizedWeights
 from .targets import get_target
 
@@ -53,6 +54,12 @@ class ExportOptions:
     prompts: str | None = None
     overwrite: bool = False
     threads: int | None = None
+    via: str | None = None  # another exporter (EXPORTERS): optimum, for architectures outside the registry
+
+
+# Exporters other than our own builder, by the name `--via` takes: module, function(checkpoint, out,
+# options, progress) -> manifest. Imported only when asked for.
+EXPORTERS = {"optimum": (".optimum_export", "export_via_optimum")}
 
 
 def resolve_method(options: ExportOptions, ckpt) -> ExportOptions:
@@ -107,6 +114,11 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     """
     if overrides:
         options = ExportOptions(**{**asdict(options), **overrides})
+    if options.via is not None:
+        if options.via not in EXPORTERS:
+            raise ExportError(f"--via '{options.via}' is not an exporter (known: {', '.join(EXPORTERS)})")
+        module, function = EXPORTERS[options.via]
+        return getattr(import_module(module, __package__), function)(checkpoint, out, options, progress)
     target, variant = get_target(options.target, options.variant)
     quants = target.variant_quant.get(variant, target.quant)
     if options.quant not in quants:
@@ -115,17 +127,20 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     if target.prepare is not None:
         options = target.prepare(options)
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(checkpoint)
+    try:
+        ckpt = open_checkpoint(checkpoint)
+    except UnsupportedArchitectureError as e:
+        raise UnsupportedArchitectureError(f"{e}; `--via optimum` exports other architectures") from e
     options = resolve_method(options, ckpt)
     rules = quant_rules(options)
-    with staging_folder(out, options.overwrite) as staging:
+    with staging_folder(out, options.overwrite, expected_bytes=least_artifact_bytes(ckpt.spec, rules)) as staging:
         calibration = None
         if options.method in ("awq", "gptq") or (options.quant == "fp8" and options.fp8_activations):
             calibration = calibration_ids(ckpt.tokenizer, options.calibration)
         weights = QuantizedWeights(ckpt, rules, calibration)
         progress(f"quantizing ({options.quant}, {options.method}) and lowering to {target.name}/{variant}")
         lowered = target.lower(ckpt.spec, weights, staging, variant=variant, options=options)
-        _write_tokenizer(ckpt, staging)
+        write_tokenizer(ckpt.tokenizer, staging, ckpt.path)
         manifest = _manifest(ckpt, options, target, variant, rules, weights, lowered)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
         write_manifest(staging, manifest)
@@ -139,26 +154,28 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     return json.loads((Path(out) / "edge_manifest.json").read_text())
 
 
-def _write_tokenizer(ckpt, folder: Path) -> None:
-    if ckpt.tokenizer is None:
-        raise ExportError(f"{ckpt.path}: has no tokenizer (tokenizer.json); an artifact needs one to run")
-    tok = ckpt.tokenizer
-    tok.tok.save(str(folder / "tokenizer.json"))
+def write_tokenizer(tok, folder: Path, source) -> None:
+    """tokenizer.json and tokenizer_config.json (chat template, BOS/EOS) of ``tok`` into ``folder``."""
+    if tok is None:
+        raise ExportError(f"{source}: has no tokenizer (tokenizer.json); an artifact needs one to run")
+    # written here rather than by tokenizers' save(), whose errors (a full disk) are not OSErrors
+    (folder / "tokenizer.json").write_text(tok.tok.to_str(pretty=True), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": tok.chat_template, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
         "add_bos_token": tok.add_bos, "tokenizer_class": "PreTrainedTokenizerFast"}, ensure_ascii=False, indent=2))
 
 
+def least_artifact_bytes(spec, rules: Rules) -> int:
+    """A lower bound on the artifact's bytes: its weights under ``rules`` (sizing.py's count), less
+    10% since a target may store scales narrower than that count (Core ML: fp16). An export that
+    cannot fit even this is refused before anything is written."""
+    from .sizing import tensor_bytes
+    weights = sum(tensor_bytes(shape, rules.resolve(name)) for name, shape in spec.tensor_shapes().items())
+    return int(weights * 0.9)
+
+
 def _manifest(ckpt, options, target, variant, rules, weights, lowered) -> dict:
     spec = ckpt.spec
-    tok = ckpt.tokenizer
-    special = {name: tok.token_id(text) for name, text in (("bos", tok.bos_token), ("eos", tok.eos_token),
-                                                            ("think_open", "<think>"), ("think_close", "</think>"))
-               if text and tok.token_id(text) is not None}
-    generation = {k: v for k, v in spec.generation.items() if k in ("temperature", "top_p", "top_k", "do_sample")}
-    if tok.token_id("<think>") is not None and tok.token_id("</think>") is not None:
-        generation["think_prefix"] = "<think>\n"  # DeepSeek's advice for the R1 distills
-    generation["eos_token_ids"] = sorted(set(spec.eos_token_ids) | set(spec.generation.get("eos_token_ids", [])))
     return {
         "target": target.name, "variant": variant, "backend": lowered.get("backend", target.backend),
         "model": spec.to_dict(),
@@ -168,6 +185,20 @@ def _manifest(ckpt, options, target, variant, rules, weights, lowered) -> dict:
         "max_context": options.max_context,
         "graph": lowered["graph"], "weights": lowered["weights"],
         **({"engine": lowered["engine"]} if "engine" in lowered else {}),
+        **tokenizer_fields(spec, ckpt.tokenizer),
+    }
+
+
+def tokenizer_fields(spec, tok) -> dict:
+    """The manifest's tokenizer files, chat template, special token ids and generation defaults."""
+    special = {name: tok.token_id(text) for name, text in (("bos", tok.bos_token), ("eos", tok.eos_token),
+                                                            ("think_open", "<think>"), ("think_close", "</think>"))
+               if text and tok.token_id(text) is not None}
+    generation = {k: v for k, v in spec.generation.items() if k in ("temperature", "top_p", "top_k", "do_sample")}
+    if tok.token_id("<think>") is not None and tok.token_id("</think>") is not None:
+        generation["think_prefix"] = "<think>\n"  # DeepSeek's advice for the R1 distills
+    generation["eos_token_ids"] = sorted(set(spec.eos_token_ids) | set(spec.generation.get("eos_token_ids", [])))
+    return {
         "tokenizer": {"file": "tokenizer.json", "config": "tokenizer_config.json"},
         "chat_template": tok.chat_template, "special_tokens": special, "generation": generation,
     }

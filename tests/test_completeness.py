@@ -11,8 +11,9 @@ from .conftest import ARCH_PRESETS
 
 TESTS = pathlib.Path(__file__).parent
 # where each registered name is exercised end to end
-TARGET_TESTS = {"onnx": "test_export.py"}
-BACKEND_TESTS = {"onnxruntime": "test_export.py", "reference": "test_export.py"}
+TARGET_TESTS = {"onnx": "test_export.py", "tensorrt": "test_tensorrt.py", "coreml": "test_coreml.py"}
+BACKEND_TESTS = {"onnxruntime": "test_export.py", "reference": "test_export.py", "tensorrt": "test_tensorrt.py",
+                 "coreml": "test_coreml.py", "qnn": "test_onnx_qnn.py"}
 
 
 def test_every_architecture_has_a_tiny_checkpoint():
