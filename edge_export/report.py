@@ -28,8 +28,11 @@ class ReportError(EdgeError):
     """A report input is missing, not JSON, or not a bench result; or the output format is unknown."""
 
 
-def load_results(paths: list[str | Path]) -> list[dict]:
-    """Read bench result files (an object or a list each) -> result dicts, checked. ReportError names the file."""
+def load_results(paths: list[str | Path], failures: list[dict] | None = None) -> list[dict]:
+    """Read bench result files (an object or a list each) -> result dicts, checked. ReportError names the file.
+
+    A device that failed in a several-device bench (``{"device", "error"}``) is no result: it goes
+    to ``failures`` when a list is given (the report names it), and is skipped otherwise."""
     if not paths:
         raise ReportError("no RESULT.json given; pass the output of `edge-export bench --json`")
     results = []
@@ -42,7 +45,13 @@ def load_results(paths: list[str | Path]) -> list[dict]:
             raise ReportError(f"{path}: not a JSON bench result ({e}); pass the output of `edge-export bench --json`") \
                 from None
         for item in data if isinstance(data, list) else [data]:
+            if isinstance(item, dict) and "error" in item and "format" not in item:
+                if failures is not None:
+                    failures.append({"device": str(item.get("device", "?")), "error": str(item["error"])})
+                continue
             results.append(_check(item, path))
+    if not results:
+        raise ReportError(f"{', '.join(map(str, paths))}: no successful bench result to report (every device failed)")
     return results
 
 
@@ -116,8 +125,8 @@ def _cell(value) -> str:
     return str(value)
 
 
-def render_markdown(rows: list[dict]) -> str:
-    """The table, then a note of which rows are estimates."""
+def render_markdown(rows: list[dict], failures: list[dict] = ()) -> str:
+    """The table, then a note of which rows are estimates, then the devices that failed."""
     lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         cells = [_cell(row[key]) for _, key in COLUMNS]
@@ -131,6 +140,8 @@ def render_markdown(rows: list[dict]) -> str:
                      "roofline figures from the device's spec sheet (devices/estimate.py), not measurements.")
     else:
         lines.append(f"All {len(rows)} rows are measured.")
+    for f in failures:
+        lines.append(f"\nFailed, no figures: {f['device']}: {f['error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +152,7 @@ tr.estimate td{color:#555;background:#fafafa;font-style:italic}.tag{font-size:85
 .methods{font-size:85%;color:#444}"""
 
 
-def render_html(rows: list[dict], title: str = "edge-export report") -> str:
+def render_html(rows: list[dict], failures: list[dict] = (), title: str = "edge-export report") -> str:
     """One self-contained HTML page: table, three inline SVG charts, how estimates were made."""
     head = "".join(f"<th>{escape(name)}</th>" for name, _ in COLUMNS)
     body = []
@@ -160,6 +171,8 @@ def render_html(rows: list[dict], title: str = "edge-export report") -> str:
         f"<p>{len(rows)} results, {n_est} of them <span class=\"tag estimate\">estimate</span> (roofline from "
         f"spec sheets, hatched and lighter in the charts), the others measured. Generated {stamp}.</p>",
         f"<table><thead><tr>{head}</tr></thead><tbody>", *body, "</tbody></table>",
+        *([f"<p>Failed, no figures: {'; '.join(escape(f['device'] + ': ' + f['error']) for f in failures)}</p>"]
+          if failures else []),
         *(f"<figure>{render_svg(chart)}</figure>" for chart in charts(rows)),
         *([f"<details><summary>How the {len(methods)} estimates were made</summary>",
            f'<ul class="methods">{"".join(methods)}</ul></details>'] if methods else []),
@@ -172,6 +185,7 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
     renderers = {".html": render_html, ".htm": render_html, ".md": render_markdown}
     if out.suffix.lower() not in renderers:
         raise ReportError(f"-o {out}: unknown report format '{out.suffix}'; use .html or .md")
-    rows = table_rows(load_results(paths))
-    out.write_text(renderers[out.suffix.lower()](rows), encoding="utf-8")
+    failures: list[dict] = []
+    rows = table_rows(load_results(paths, failures))
+    out.write_text(renderers[out.suffix.lower()](rows, failures), encoding="utf-8")
     return out

@@ -213,6 +213,21 @@ def test_report_markdown_notes_the_estimates(tmp_path):
     assert "Rows 1, 2 (2 of 3) are *estimates*" in md
 
 
+def test_report_names_devices_that_failed(tmp_path):
+    """A several-device bench's failed entry ({device, error}) has no figures: the report keeps the
+    others and names it; a file of failures alone is refused."""
+    paths = _results(tmp_path)
+    failed = {"device": "ssh://pi@board", "error": "ssh://pi@board: connection refused"}
+    (tmp_path / "host.json").write_text(json.dumps([json.loads((tmp_path / "host.json").read_text()), failed]))
+    md = write_report(paths, tmp_path / "report.md").read_text()
+    assert "Failed, no figures: ssh://pi@board: ssh://pi@board: connection refused" in md and "| host |" in md
+    html = write_report(paths, tmp_path / "report.html").read_text()
+    assert "Failed, no figures" in html and "<td>host</td>" in html
+    (tmp_path / "all_failed.json").write_text(json.dumps([failed]))
+    with pytest.raises(ReportError, match="every device failed"):
+        load_results([tmp_path / "all_failed.json"])
+
+
 def test_report_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(ReportError, match="nope.json: no such file"):
         load_results([tmp_path / "nope.json"])
