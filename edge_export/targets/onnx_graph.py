@@ -143,3 +143,17 @@ class GraphWriter:
             self._data.close()  # flushes what is buffered: fails again when the failure was a full disk
         finally:
             (self.out_dir / self.data_name).unlink(missing_ok=True)
+
+
+def decoder_io(g: GraphWriter, spec, kv_type: int, logits_length) -> None:
+    """The decoder's inputs and outputs, by onnxruntime-genai's names: input_ids, attention_mask,
+    past_key_values.{i}.key/value -> logits, present.{i}.key/value ([batch, kv_heads, length, head_dim])."""
+    g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    g.output("logits", TensorProto.FLOAT, ["batch_size", logits_length, spec.vocab_size])
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            g.input(f"past_key_values.{i}.{kind}", kv_type,
+                    ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim])
+            g.output(f"present.{i}.{kind}", kv_type,
+                     ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim])

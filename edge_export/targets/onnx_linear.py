@@ -37,6 +37,15 @@ def is_quantized(value) -> bool:
     return not isinstance(value, np.ndarray) and hasattr(value, "q") and hasattr(value, "scales")
 
 
+def checked_tensor(weights, name: str, expected: tuple):
+    """``weights.get(name)`` as float32 or a QuantizedTensor, refused when its shape is not the model's."""
+    value = weights.get(name)
+    shape = tuple(value.shape) if is_quantized(value) else np.shape(value)
+    if shape != expected:
+        raise ExportError(f"tensor {name}: shape {shape} does not match the model's {expected}")
+    return value if is_quantized(value) else np.asarray(value, np.float32)
+
+
 @dataclass
 class Linear:
     """One linear weight [N out, K in] as the graph stores it.

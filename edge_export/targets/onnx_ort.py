@@ -21,8 +21,8 @@ from runtimes.models import ModelSpec, get_architecture
 from runtimes.reference import layer_keys
 
 from ..errors import ExportError
-from .onnx_graph import GraphWriter
-from .onnx_linear import Linear, LinearEmitter, concat_linears, is_quantized, to_linear
+from .onnx_graph import GraphWriter, decoder_io
+from .onnx_linear import Linear, LinearEmitter, checked_tensor, concat_linears, is_quantized, to_linear
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +86,7 @@ class _DecoderGraph:
 
     # ---- inputs, masks, rope ---------------------------------------------------------
     def _io(self) -> None:
-        s, g = self.spec, self.g
-        g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
-        g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
-        logits_len = "sequence_length" if self.all_logits else 1
-        g.output("logits", TensorProto.FLOAT, ["batch_size", logits_len, s.vocab_size])
-        for i in range(s.num_layers):
-            for kind in ("key", "value"):
-                g.input(f"past_key_values.{i}.{kind}", self.kv_type,
-                        ["batch_size", s.num_kv_heads, "past_sequence_length", s.head_dim])
-                g.output(f"present.{i}.{kind}", self.kv_type,
-                         ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim])
+        decoder_io(self.g, self.spec, self.kv_type, "sequence_length" if self.all_logits else 1)
 
     def _mask_subgraph(self) -> None:
         """seqlens_k = sum(attention_mask, 1) - 1 and total_sequence_length = attention_mask.shape[1],
@@ -120,11 +110,7 @@ class _DecoderGraph:
     # ---- weights ---------------------------------------------------------------------
     def _get(self, key: str, layer: int | None = None):
         name = self.spec.tensor_name(key, layer)
-        value = self.weights.get(name)
-        shape = tuple(value.shape) if is_quantized(value) else np.shape(value)
-        if shape != self.shapes[name]:
-            raise ExportError(f"tensor {name}: shape {shape} does not match the model's {self.shapes[name]}")
-        return value if is_quantized(value) else np.asarray(value, np.float32)
+        return checked_tensor(self.weights, name, self.shapes[name])
 
     def _layer_weights(self, i: int) -> dict:
         lw = {k: self._get(k, i) for k in layer_keys(self.spec)}

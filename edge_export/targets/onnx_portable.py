@@ -30,7 +30,8 @@ from runtimes.models import ModelSpec
 from runtimes.reference import layer_keys
 
 from ..errors import ExportError
-from .onnx_graph import GraphWriter
+from .onnx_graph import GraphWriter, decoder_io
+from .onnx_linear import checked_tensor, is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -110,16 +111,7 @@ class _PortableGraph:
 
     # ---- inputs, positions, mask -------------------------------------------------------
     def _io(self) -> None:
-        s, g = self.spec, self.g
-        g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
-        g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
-        g.output("logits", TensorProto.FLOAT, ["batch_size", 1, s.vocab_size])
-        for i in range(s.num_layers):
-            for kind in ("key", "value"):
-                g.input(f"past_key_values.{i}.{kind}", self.kv_type,
-                        ["batch_size", s.num_kv_heads, "past_sequence_length", s.head_dim])
-                g.output(f"present.{i}.{kind}", self.kv_type,
-                         ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim])
+        decoder_io(self.g, self.spec, self.kv_type, 1)
 
     def _positions_and_mask(self) -> None:
         """Positions of the new tokens (cumulative sum of the mask, so left padding is skipped),
@@ -159,11 +151,7 @@ class _PortableGraph:
     # ---- weights ---------------------------------------------------------------------
     def _get(self, key: str, layer: int | None = None):
         name = self.spec.tensor_name(key, layer)
-        value = self.weights.get(name)
-        shape = tuple(value.shape) if _is_quantized(value) else np.shape(value)
-        if shape != self.shapes[name]:
-            raise ExportError(f"tensor {name}: shape {shape} does not match the model's {self.shapes[name]}")
-        return name, value if _is_quantized(value) else np.asarray(value, np.float32)
+        return name, checked_tensor(self.weights, name, self.shapes[name])
 
     def _float(self, name: str, array: np.ndarray, entry_name: str | None = None) -> str:
         init = self.g.weight(name, np.asarray(array, self.np_float))
@@ -175,7 +163,7 @@ class _PortableGraph:
         """The weight [K, N] as a graph value: a float initializer, or a DequantizeLinear of its
         codes. Returns (value name, weights-table entry)."""
         g, stem = self.g, base.lstrip("/").replace("/", ".")
-        if not _is_quantized(value):
+        if not is_quantized(value):
             init = g.weight(f"{stem}.weight", np.ascontiguousarray(np.asarray(value, self.np_float).T))
             return init, {"format": "float", "data": init, "transpose": True}
         if value.residual is not None and not self.rules.residual:
@@ -209,11 +197,11 @@ class _PortableGraph:
         """y = x @ W.T (+ bias) for x [batch, seq, K]; W's stored form goes into the table."""
         g, stem = self.g, base.lstrip("/").replace("/", ".")
         w, entry = self._dequantized(base, hf_name, value)
-        if _is_quantized(value) and value.input_scale is not None:  # AWQ: the codes quantize W * s
+        if is_quantized(value) and value.input_scale is not None:  # AWQ: the codes quantize W * s
             inverse = g.weight(f"{stem}.input_scale_inverse", (1.0 / value.input_scale).astype(self.np_float))
             x = g.node("Mul", [x, inverse], f"{base}/input_scale/Mul")
             entry["input_scale_inverse"] = inverse
-        if _is_quantized(value) and value.activation_scale is not None:
+        if is_quantized(value) and value.activation_scale is not None:
             # FP8 activations: per-tensor scale from calibration; Q/DQ in front of the GEMM.
             a_scale = g.weight(f"{stem}.input_scale", np.array(value.activation_scale, self.np_float))
             zero = g.weight(f"{stem}.input_zero_point", np.zeros((), np.uint8), data_type="FLOAT8E4M3FN")
@@ -221,7 +209,7 @@ class _PortableGraph:
             x = g.node("DequantizeLinear", [xq, a_scale, zero], f"{base}/input/DequantizeLinear")
             entry["activation_scale"] = float(value.activation_scale)
         y = g.node("MatMul", [x, w], f"{base}/MatMul")
-        if _is_quantized(value) and value.residual is not None:
+        if is_quantized(value) and value.residual is not None:
             y = g.node("Add", [y, self._residual(base, stem, x, value, entry)], f"{base}/residual/Add")
         if bias is not None:
             y = g.node("Add", [y, bias], f"{base}/Add")
@@ -247,7 +235,7 @@ class _PortableGraph:
         g, base = self.g, "/model/embed_tokens"
         name, table = self._get("embed")
         stored, entry = self._dequantized(base, name, table)
-        if _is_quantized(table) and table.residual is not None:  # Q4_1: + r per block of H, for every row
+        if is_quantized(table) and table.residual is not None:  # Q4_1: + r per block of H, for every row
             h, blocks = self.spec.hidden_size, table.residual.shape[1]
             split = g.node("Reshape", [stored, g.const([blocks, h // blocks, -1])], f"{base}/residual/Reshape")
             r = g.weight("model.embed_tokens.residual", np.ascontiguousarray(table.residual.T.astype(self.np_float)))
@@ -255,7 +243,7 @@ class _PortableGraph:
             r = g.node("Unsqueeze", [r, g.const([1])], f"{base}/residual/Unsqueeze")
             stored = g.node("Reshape", [g.node("Add", [split, r], f"{base}/residual/Add"), g.const([h, -1])],
                             f"{base}/residual/Reshape_1")
-        if _is_quantized(table) and table.input_scale is not None:  # AWQ: the codes hold W * s
+        if is_quantized(table) and table.input_scale is not None:  # AWQ: the codes hold W * s
             inverse = (1.0 / table.input_scale).astype(self.np_float)[:, None]
             entry["input_scale_inverse"] = g.weight("model.embed_tokens.input_scale_inverse", inverse)
             stored = g.node("Mul", [stored, entry["input_scale_inverse"]], f"{base}/input_scale/Mul")
@@ -376,6 +364,3 @@ class _PortableGraph:
 
 _REF_KEYS = ("data", "scale", "zero_point", "residual", "input_scale_inverse")
 
-
-def _is_quantized(value) -> bool:
-    return not isinstance(value, np.ndarray) and hasattr(value, "q") and hasattr(value, "scales")
