@@ -24,6 +24,7 @@ from runtimes.models import ModelSpec
 from runtimes.tokenizer import ChatTokenizer
 
 from .artifact import publish, staging_folder, write_manifest
+from .checkpoint.hf import generation_defaults
 from .errors import ExportError
 from .export import _Fixed, _check_thresholds, tokenizer_fields, write_tokenizer
 from .optimum_graph import DATA_FILE, MODEL_FILE, float_weights, gemm_to_matmul, graph_section, quantize, quantized_weights
@@ -155,18 +156,7 @@ def model_spec(folder: Path) -> ModelSpec:
         eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ()),
         torch_dtype=str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
                         ).replace("torch.", ""),
-        generation=_generation_defaults(folder))
-
-
-def _generation_defaults(folder: Path) -> dict:
-    from .checkpoint.hf import read_json
-    path = folder / "generation_config.json"
-    gen = read_json(path, "generation_config.json") if path.is_file() else {}
-    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "do_sample") if k in gen}
-    eos = gen.get("eos_token_id")
-    if eos is not None:
-        defaults["eos_token_ids"] = eos if isinstance(eos, list) else [eos]
-    return defaults
+        generation=generation_defaults(folder))
 
 
 def read_tokenizer(folder: Path) -> ChatTokenizer:

@@ -42,7 +42,7 @@ class HFCheckpoint(Checkpoint):
         spec = spec_from_config(config, str(config_path))
         self.files = self._open_weights(folder)
         self.where = {name: f for f in self.files for name in f.keys()}
-        spec = dataclasses.replace(spec, generation=_generation_defaults(folder, spec),
+        spec = dataclasses.replace(spec, generation=generation_defaults(folder),
                                    torch_dtype=self._main_dtype(spec))
         super().__init__(folder, spec, _tokenizer(folder))
         self.check_shapes({n: f.info(n)[1] for n, f in self.where.items()}, str(folder))
@@ -109,7 +109,8 @@ def _tokenizer(folder: Path) -> ChatTokenizer | None:
     return tok
 
 
-def _generation_defaults(folder: Path, spec) -> dict:
+def generation_defaults(folder: Path) -> dict:
+    """Sampling defaults and extra eos ids from an HF folder's generation_config.json ({} without one)."""
     path = folder / "generation_config.json"
     gen = read_json(path, "generation_config.json") if path.is_file() else {}
     defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "do_sample") if k in gen}
