@@ -7,7 +7,7 @@ weight const swapped for a constexpr_blockwise_shift_scale holding our codes and
 model.mlpackage -> the weights table read back from its weight.bin, checked against the module.
 
 Conversion runs anywhere coremltools does; prediction needs macOS 15. Where it cannot predict,
-the export is verified with the converted torch module (``verify_backend``), and the manifest
+the export is verified with the converted torch module (``verify_scorer``), and the manifest
 says so.
 """
 from __future__ import annotations
@@ -84,7 +84,8 @@ def _quiet():
     """coremltools without its import notes (torch version untested, no Core ML framework on Linux)
     and progress bars: the export reports its own progress."""
     logger = logging.getLogger("coremltools")
-    level, logger.level = logger.level, logging.ERROR
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     bars = []
     if "coremltools" in sys.modules:
         from coremltools.converters.mil.frontend.torch import ops
