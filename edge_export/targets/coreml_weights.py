@@ -128,7 +128,7 @@ def replace_weight_consts(program, const_names: dict[str, str], packed: dict[str
 
 
 def _constexpr(mb, types, op, weight: CoreMLWeight):
-    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
+    from coremltools.converters.mil.mil.scope import ScopeInfo
 
     sub_byte = {"int4": types.np_int4_dtype, "uint4": types.np_uint4_dtype}
     data = weight.data.astype(sub_byte.get(weight.data_type, weight.data.dtype))
