@@ -125,8 +125,9 @@ def _portable(qt: QuantizedTensor, target: str) -> tuple[np.ndarray, str, Option
     """(data [N, K], type name, zero point [N, G] or None): symmetric int4 becomes signed INT4
     (code - 8) with no zero point, the form TensorRT and Core ML take without an offset."""
     if qt.residual is not None:
-        raise QuantizationError(f"{target} has no float offset for GGUF Q4_1 residuals; use the "
-                                "MatMulNBits layout, or dequantize and requantize the tensor")
+        raise QuantizationError(f"{target} packing takes integer zero points, and a GGUF Q4_1 residual needs a "
+                                "float offset: use the MatMulNBits layout (block sums beside it), the coreml "
+                                "target's fp16 offsets, or dequantize and requantize the tensor")
     if qt.code_type not in _PORTABLE_TYPES:
         raise QuantizationError(f"{target} cannot hold {qt.code_type} codes")
     signed_type, offset_type = _PORTABLE_TYPES[qt.code_type]

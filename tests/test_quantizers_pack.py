@@ -85,7 +85,7 @@ def test_dequantizelinear_layout_is_k_by_n_blocked_on_axis_0():
 def test_layouts_refuse_what_they_cannot_hold():
     with pytest.raises(Q.QuantizationError, match="MatMulNBits holds int4/int8 weights, not float8e4m3fn"):
         Q.pack_matmulnbits(Q.quantize(weight(2, 64), Q.Fp8Config()))
-    with pytest.raises(Q.QuantizationError, match="DequantizeLinear has no float offset for GGUF Q4_1"):
+    with pytest.raises(Q.QuantizationError, match="DequantizeLinear packing takes integer zero points, and a GGUF Q4_1 residual"):
         Q.pack_dequantizelinear(gguf_q4_1())
     with pytest.raises(Q.QuantizationError, match="Core ML has no float8 weights"):
         Q.pack_coreml_blockwise(Q.quantize(weight(2, 64), Q.Fp8Config()))
