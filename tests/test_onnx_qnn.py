@@ -10,7 +10,10 @@ Tolerances, over the prompt's last position and (w8a16) the next 3 greedy tokens
 - the NPU's own arithmetic: KL(reference decoder on the artifact's stored weights || HTP) mean
   < 0.02 nats (measured: 0.001-0.006);
 - end to end against the float checkpoint: w8a16 KL mean < 0.05 and top-1 >= 3/4 (measured:
-  0.006, 4/4); w4a16 (LPBQ) KL < 0.5 (measured 0.015: int4 on a 2-layer slice moves a lot).
+  0.006, 4/4); w4a16 (LPBQ) KL < 0.5 (measured 0.015; re-quantizing this already 4-bit model to
+  int4 reaches 0.4-2 on single tokens of the full model, as int4 rtn does in the README's table).
+Tiny random checkpoints of every architecture (Qwen2's biases, Qwen3's q/k norms) run the same
+graphs on the CPU provider and the HTP within KL 0.1 of their stored weights.
 """
 from __future__ import annotations
 
@@ -110,23 +113,15 @@ def test_graphs_are_static_qdq_of_standard_ops(w8a16):
 
 
 def test_qdq_graphs_on_cpu_match_the_reference(w8a16, smollm2_slice):
-    """onnxruntime's CPU provider runs the same QDQ graphs (exact Q/DQ arithmetic in float): the
-    graphs, the chunking and the cache bookkeeping are right independently of the NPU."""
-    import onnxruntime as ort
-    folder, manifest = w8a16
-    graph = manifest["graph"]
-    sessions = {k: ort.InferenceSession(str(folder / graph[k]["file"]), providers=["CPUExecutionProvider"])
-                for k in ("prefill", "decode")}
-    names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
-    artifact = runtimes.artifact.load_artifact(folder)
-    cpu = StaticDecoder(artifact.spec, graph, CONTEXT,
-                        lambda k, feeds: dict(zip(names[k], sessions[k].run(None, feeds))), graph["io"])
-    stored = runtimes.load(folder, backend="reference").backend
-    ckpt = open_checkpoint(smollm2_slice)
-    ids = runtimes.load(folder, backend="reference").prompt_ids(PROMPT)
-    long_ids = ids * 2  # 2 chunks: the first padded on the left
-    (kl_stored, top1_stored), = _compare(cpu, [stored], long_ids, 3)
+    """onnxruntime's CPU provider runs the same QDQ graphs: the graphs, the chunking (a prompt of
+    two chunks, the first padded) and the cache bookkeeping are right independently of the NPU."""
+    folder, _ = w8a16
+    cpu = _cpu_decoder(folder)
+    stored = runtimes.load(folder, backend="reference")
+    ids = stored.prompt_ids(PROMPT)
+    (kl_stored, top1_stored), = _compare(cpu, [stored.backend], ids * 2, 3)
     assert np.mean(kl_stored) < 0.02 and np.mean(top1_stored) >= 0.75, (kl_stored, top1_stored)
+    ckpt = open_checkpoint(smollm2_slice)
     (kl_float, _), = _compare(cpu, [ReferenceDecoder(ckpt.spec, ckpt.tensor, max_context=CONTEXT)], ids, 1)
     assert np.mean(kl_float) < 0.05, kl_float
 
@@ -157,6 +152,40 @@ def test_qnn_refuses_float_and_foreign_artifacts(smollm2_slice, tmp_path):
             runtimes.load(ort_folder, backend="qnn")
 
 
+def _cpu_decoder(folder):
+    """The artifact's QDQ graphs on onnxruntime's CPU provider (exact Q/DQ arithmetic in float)."""
+    import onnxruntime as ort
+    graph = runtimes.artifact.load_artifact(folder).manifest["graph"]
+    sessions = {k: ort.InferenceSession(str(folder / graph[k]["file"]), providers=["CPUExecutionProvider"])
+                for k in ("prefill", "decode")}
+    names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+    artifact = runtimes.artifact.load_artifact(folder)
+    return StaticDecoder(artifact.spec, graph, artifact.manifest["max_context"],
+                         lambda k, feeds: dict(zip(names[k], sessions[k].run(None, feeds))), graph["io"])
+
+
+def test_every_architecture_on_cpu_and_htp(tiny_checkpoint, tmp_path):
+    """Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k RMSNorm) tiny random checkpoints: their QDQ
+    graphs on the CPU provider, and on the HTP where onnxruntime-qnn is installed, against the
+    reference decoder on the artifact's stored weights (random weights: a looser KL bound)."""
+    folder = tmp_path / "qnn"
+    export(tiny_checkpoint, folder, ExportOptions(target="onnx", variant="qnn", quant="int8", max_context=96,
+                                                  verify=False))
+    stored = runtimes.load(folder, backend="reference")
+    ids = stored.prompt_ids("hello there")
+    candidates = [_cpu_decoder(folder)]
+    if QNN_OK:
+        rt = runtimes.load(folder)
+        assert {n for counts in rt.backend.ep_assignment().values() for n in counts} == {"QNNExecutionProvider"}
+        candidates.append(rt.backend)
+    for candidate in candidates:
+        (kl, _), = _compare(candidate, [stored.backend], ids, 2)
+        assert np.mean(kl) < 0.1, (type(candidate).__name__, kl)
+    if QNN_OK:  # the shared Generator over the HTP
+        result = rt.generate("hello", temperature=0, max_new_tokens=3, ignore_eos=True)
+        assert result.new_tokens == 3 and result.ttft_ms > 0 and result.decode_tok_s > 0
+
+
 # ---- on the HTP simulator --------------------------------------------------------------------
 @needs_qnn
 def test_w8a16_runs_every_node_on_the_htp_and_matches(w8a16, smollm2_slice):
@@ -180,7 +209,7 @@ def test_w8a16_runs_every_node_on_the_htp_and_matches(w8a16, smollm2_slice):
 
 
 @needs_qnn
-def test_w4a16_lpbq_on_the_htp_and_the_generator(smollm2_slice, tmp_path):
+def test_w4a16_lpbq_on_the_htp(smollm2_slice, tmp_path):
     manifest = _export(smollm2_slice, tmp_path / "w4a16", "int4")
     assert manifest["graph"]["quantization"]["scheme"].startswith("w4a16: int4 LPBQ")
     rt = runtimes.load(tmp_path / "w4a16", backend="qnn")  # compiled from the QDQ graphs at load
@@ -190,5 +219,3 @@ def test_w4a16_lpbq_on_the_htp_and_the_generator(smollm2_slice, tmp_path):
     (kl_float, _), (kl_stored, _) = _compare(
         rt.backend, [ReferenceDecoder(ckpt.spec, ckpt.tensor, max_context=CONTEXT), stored], rt.prompt_ids(PROMPT), 0)
     assert np.mean(kl_stored) < 0.02 and np.mean(kl_float) < 0.5, (kl_stored, kl_float)
-    result = rt.generate(PROMPT, temperature=0, max_new_tokens=2)  # the shared Generator over the HTP
-    assert result.new_tokens == 2 and result.ttft_ms > 0 and result.decode_tok_s > 0

@@ -52,7 +52,7 @@ FOLD_WEIGHTS_BYTES = 2 << 30
 SOCS = {"SM8550": (43, 73, "Snapdragon 8 Gen 2"), "SM8650": (57, 75, "Snapdragon 8 Gen 3"),
         "SM8750": (69, 79, "Snapdragon 8 Elite"), "SC8380XP": (60, 73, "Snapdragon X Elite")}
 DEFAULT_SOC = "SM8650"
-SIMULATED_WEIGHTS_PER_S = 20e6  # onnxruntime-qnn 2.7's HTP simulator on one x86_64 core (SmolLM2, measured)
+SIMULATED_WEIGHTS_PER_S = 30e6  # onnxruntime-qnn 2.7's HTP simulator, one x86_64 core (SmolLM2: 4.2 s a token)
 INT64_MAX = np.iinfo(np.int64).max
 
 ACT = ("act",)  # calibrated per-tensor range
