@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     result.update(backend=rt.backend.name, threads=args.threads, model_bytes=rt.artifact.model_bytes,
                   artifact=rt.artifact.path.name, target=artifact_target(manifest),
                   quant=(manifest.get("quantization") or {}).get("quant"))
+    engine = manifest.get("engine") or {}
+    if engine.get("built") and rt.backend.name == "tensorrt":
+        # what TensorRT really runs (engine inspector): an FP8 engine running FP16 GEMMs shows here
+        result["engine_layers"] = engine.get("layers")
     print(json.dumps(result))
     return 0
 

@@ -90,7 +90,8 @@ def table_rows(results: list[dict]) -> list[dict]:
                      "target": r.get("target") or r.get("backend") or "-", "decode_tok_s": r["decode_tok_s"],
                      "ttft_ms": r["ttft_ms"], "prefill_tok_s": r.get("prefill_tok_s"),
                      "memory_mb": r.get("peak_rss_mb"), "budget_mb": budget_mb(r),
-                     "source": "estimate" if is_estimate(r) else "measured", "method": r.get("method")})
+                     "source": "estimate" if is_estimate(r) else "measured", "method": r.get("method"),
+                     "engine_warning": (r.get("engine_layers") or {}).get("warning")})
     return rows
 
 
@@ -142,6 +143,9 @@ def render_markdown(rows: list[dict], failures: list[dict] = ()) -> str:
         lines.append(f"All {len(rows)} rows are measured.")
     for f in failures:
         lines.append(f"\nFailed, no figures: {f['device']}: {f['error']}")
+    for row in rows:
+        if row.get("engine_warning"):
+            lines.append(f"\n{row['device']} ({row['quant']}): {row['engine_warning']}")
     return "\n".join(lines) + "\n"
 
 
@@ -173,6 +177,8 @@ def render_html(rows: list[dict], failures: list[dict] = (), title: str = "edge-
         f"<table><thead><tr>{head}</tr></thead><tbody>", *body, "</tbody></table>",
         *([f"<p>Failed, no figures: {'; '.join(escape(f['device'] + ': ' + f['error']) for f in failures)}</p>"]
           if failures else []),
+        *(f"<p><b>{escape(r['device'])} ({escape(str(r['quant']))})</b>: {escape(r['engine_warning'])}</p>"
+          for r in rows if r.get("engine_warning")),
         *(f"<figure>{render_svg(chart)}</figure>" for chart in charts(rows)),
         *([f"<details><summary>How the {len(methods)} estimates were made</summary>",
            f'<ul class="methods">{"".join(methods)}</ul></details>'] if methods else []),

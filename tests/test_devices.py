@@ -228,6 +228,17 @@ def test_report_names_devices_that_failed(tmp_path):
         load_results([tmp_path / "all_failed.json"])
 
 
+def test_report_carries_an_engines_precision_warning(tmp_path):
+    """A TensorRT engine whose inspector shows no FP8 GEMM in an fp8 artifact (runner.py copies
+    manifest.engine.layers into the result) is said in the report, not passed off as FP8."""
+    paths = _results(tmp_path)
+    host = json.loads((tmp_path / "host.json").read_text())
+    host.update(quant="fp8", target="tensorrt", engine_layers={"fp8_gemms": 0, "warning": "FP8 was asked for, but no GEMM runs in FP8"})
+    (tmp_path / "host.json").write_text(json.dumps(host))
+    assert "host (fp8): FP8 was asked for, but no GEMM runs in FP8" in write_report(paths, tmp_path / "r.md").read_text()
+    assert "FP8 was asked for" in write_report(paths, tmp_path / "r.html").read_text()
+
+
 def test_report_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(ReportError, match="nope.json: no such file"):
         load_results([tmp_path / "nope.json"])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
+import subprocess
 from collections import Counter
 
 import numpy as np
@@ -70,6 +72,30 @@ def test_int4_graph_follows_tensorrt_rules(int4_artifact):
     assert all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in dq)  # fp16 GEMMs
     assert all(next(a.i for a in n.attribute if a.name == "block_size") == 32 for n in weights)
     assert {n.domain for n in model.graph.node} <= {""}
+
+
+@pytest.mark.skipif(shutil.which("polygraphy") is None, reason="polygraphy is not installed (pip install polygraphy)")
+def test_polygraphy_reads_and_sanitizes_the_graph(int4_artifact, tmp_path):
+    """TensorRT's own ONNX tooling: `inspect model` reads the graph, `surgeon sanitize
+    --fold-constants` folds what it can without touching a Q/DQ node, and the folded graph
+    computes the same logits on onnxruntime."""
+    import onnxruntime as ort
+    model = int4_artifact / "model.onnx"
+    shown = subprocess.run(["polygraphy", "inspect", "model", str(model)], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "ONNX Opset: 21" in shown.stdout and "past_key_values.1.value" in shown.stdout
+    folded = tmp_path / "sanitized.onnx"
+    done = subprocess.run(["polygraphy", "surgeon", "sanitize", str(model), "--fold-constants", "-o", str(folded)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
+    before, after = ops(graph(int4_artifact)), ops(onnx.load(str(folded)))
+    assert after["DequantizeLinear"] == before["DequantizeLinear"] and after["MatMul"] == before["MatMul"]
+    feeds = {"input_ids": np.arange(3, 20, dtype=np.int64)[None], "attention_mask": np.ones((1, 17), np.int64)}
+    for i in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, 0, 32), np.float16)
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]  # noqa: E731
+    assert np.abs(run(model) - run(folded)).max() < 1e-3
 
 
 def test_manifest_records_the_engine_plan(int4_artifact):
