@@ -27,8 +27,8 @@ from ..weights import UNPACKERS, ArtifactWeights
 from .base import Backend, register_backend
 
 EP_NAME = "QNNExecutionProvider"
-INSTALL = ("pip install onnxruntime-qnn (a plugin beside onnxruntime >= 1.24; Linux x86_64 runs the HTP "
-           "simulator, Windows on Snapdragon the NPU); or run the same weights with --backend reference")
+INSTALL = ("pip install onnxruntime-qnn, a plugin beside onnxruntime >= 1.24 (Linux x86_64 runs the HTP "
+           "simulator, Windows on Snapdragon the NPU), or run the same weights with --backend reference")
 MASK_HIDDEN = -1000.0  # additive mask of hidden slots: finite (uint16 codes, fp16 on the HTP), exp() of it is 0
 
 
@@ -37,7 +37,7 @@ def qnn_available() -> tuple[bool, str]:
         import onnxruntime as ort
         import onnxruntime_qnn  # noqa: F401
     except ImportError:
-        return False, f"onnxruntime-qnn is not installed ({INSTALL})"
+        return False, f"onnxruntime-qnn is not installed: {INSTALL}"
     if not hasattr(ort, "register_execution_provider_library"):
         return False, (f"onnxruntime {ort.__version__} cannot load plugin execution providers; "
                        "pip install -U onnxruntime")
@@ -53,7 +53,7 @@ def qnn_devices() -> list:
         ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
         devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
     if not devices:
-        raise BackendUnavailableError(f"onnxruntime-qnn registered no {EP_NAME} device; reinstall it ({INSTALL})")
+        raise BackendUnavailableError(f"onnxruntime-qnn registered no {EP_NAME} device; reinstall it: {INSTALL}")
     return devices
 
 
