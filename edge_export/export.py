@@ -217,9 +217,8 @@ def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
     artifact = read_manifest(folder, staging_ok=True)
     # a target whose artifact cannot run here (Core ML off macOS) brings what verifies it instead
     make = get_target(artifact.target, artifact.variant)[0].extra.get("verify_scorer")
-    if make:
-        candidate = make(artifact, options)
-    else:
+    candidate = make(artifact, options) if make else None
+    if candidate is None:
         runtime = runtimes.Runtime(artifact, runtimes.get_backend(artifact.manifest["backend"])(
             artifact, threads=options.threads))
         candidate = RuntimeScorer(runtime.backend)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
 
 import numpy as np
 import onnx
@@ -219,3 +220,17 @@ def test_w4a16_lpbq_on_the_htp(smollm2_slice, tmp_path):
     (kl_float, _), (kl_stored, _) = _compare(
         rt.backend, [ReferenceDecoder(ckpt.spec, ckpt.tensor, max_context=CONTEXT), stored], rt.prompt_ids(PROMPT), 0)
     assert np.mean(kl_stored) < 0.02 and np.mean(kl_float) < 0.5, (kl_stored, kl_float)
+
+
+def test_export_verifies_on_the_cpu_provider_off_a_snapdragon(smollm2_slice, tmp_path):
+    """Off a Snapdragon the HTP is a simulator (hours for SmolLM2's built-in prompts), so an export
+    verifies the very same static QDQ graphs on onnxruntime's CPU provider, and says so."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": "Name a prime above 10."}))
+    manifest = export(smollm2_slice, tmp_path / "v", ExportOptions(target="onnx", variant="qnn", quant="int8",
+                                                                    max_context=CONTEXT, prompts=str(prompts),
+                                                                    max_kl=10, min_top1=0.0))
+    figures = manifest["verification"]
+    assert figures["prompts"] == 2 and figures["kl_mean"] < 0.2
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "CPU provider" in figures["verified_with"]

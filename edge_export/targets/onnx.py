@@ -8,7 +8,7 @@ from pathlib import Path
 from . import Target, register_target
 from .onnx_ort import build_ort_decoder, genai_config
 from .onnx_portable import PortableRules, build_portable_decoder
-from .onnx_qnn import lower_qnn
+from .onnx_qnn import lower_qnn, verify_scorer as qnn_verify_scorer
 from .onnx_weights import weights_table
 
 MODEL_FILE = "model.onnx"
@@ -50,6 +50,11 @@ def lower(spec, weights, folder: Path, variant: str, options) -> dict:
     return lowerings[variant](spec, weights, folder, variant, options)
 
 
+def verify_scorer(artifact, options):
+    """The qnn variant verifies its own way (see onnx_qnn.verify_scorer); the others on their backend."""
+    return qnn_verify_scorer(artifact, options) if artifact.variant == "qnn" else None
+
+
 def _available() -> tuple[bool, str]:
     try:
         import onnxruntime  # noqa: F401
@@ -69,4 +74,4 @@ register_target(Target(
     needs="onnx to export, onnxruntime to run",
     lower=lower, available=_available, quant=("fp32", "int8", "int4", "fp8"), backend="onnxruntime",
     variant_quant={"ort": ("fp32", "int8", "int4"), "qnn": ("int8", "int4")},
-    default_variant="ort"))
+    default_variant="ort", extra={"verify_scorer": verify_scorer}))

@@ -553,7 +553,6 @@ def lower_qnn(spec: ModelSpec, weights, folder: Path, variant: str, options) -> 
     soc_model, htp_arch, marketing = SOCS[soc_name]
     seq = min(PREFILL_LEN, options.max_context)
     prompts = _calibration_prompts(weights, options)
-    _warn_simulated_verification(spec, options)
     folder = Path(folder)
     graph = GraphWriter(folder, PREFILL)
     try:
@@ -589,15 +588,20 @@ def lower_qnn(spec: ModelSpec, weights, folder: Path, variant: str, options) -> 
     return {"graph": graph_section, "weights": builder.table, "backend": "qnn"}
 
 
-def _warn_simulated_verification(spec: ModelSpec, options) -> None:
-    """Off a Snapdragon, onnxruntime-qnn's HTP is a simulator of about SIMULATED_WEIGHTS_PER_S."""
+def verify_scorer(artifact, options):
+    """What verifies a qnn artifact at export. Off a Snapdragon, onnxruntime-qnn's HTP is a simulator
+    of about SIMULATED_WEIGHTS_PER_S (hours for SmolLM2's 24 prompts), so the same static QDQ graphs
+    run on onnxruntime's CPU provider instead; the tests run them on the simulated HTP too."""
     import platform
-    if options.verify and platform.machine().lower() in ("x86_64", "amd64"):
-        step_s = spec.parameter_count / SIMULATED_WEIGHTS_PER_S
-        logger.warning("verification runs the artifact on the HTP simulator, about %.0f s a token for this model "
-                       "(%.1f h for the 24 built-in prompts x 64 steps); --no-verify skips it, --prompts FILE "
-                       "with a few prompts shortens it", step_s, step_s * 24 * 64 / 3600)
 
+    from runtimes.backends.qnn import QnnBackend
+
+    from ..verify import RuntimeScorer
+    on_snapdragon = platform.machine().lower() in ("aarch64", "arm64")
+    scorer = RuntimeScorer(QnnBackend(artifact, provider=None if on_snapdragon else "cpu", threads=options.threads))
+    scorer.verified_with = ("the QDQ graphs on the HTP" if on_snapdragon else
+                            "the same static QDQ graphs on onnxruntime's CPU provider (the HTP is simulated here)")
+    return scorer
 
 def _calibration_prompts(weights, options) -> list[list[int]]:
     """The built-in calibration prompts (or --calibration FILE), rendered with the chat template."""

@@ -189,17 +189,27 @@ class QnnBackend(Backend):
 
     def __init__(self, artifact, provider=None, threads=None, provider_options: dict | None = None):
         super().__init__(artifact, provider, threads)
-        if provider not in (None, "qnn", EP_NAME):
-            raise BackendUnavailableError(f"the qnn backend runs on QNN's HTP only, not --provider {provider}; "
-                                          "--backend reference runs the same weights on the CPU")
+        if provider not in (None, "qnn", EP_NAME, "cpu"):
+            raise BackendUnavailableError(f"the qnn backend runs on QNN's HTP (or, with --provider cpu, the same "
+                                          f"QDQ graphs on onnxruntime's CPU provider), not --provider {provider}; "
+                                          "--backend reference runs the float weights on the CPU")
         graph = artifact.manifest.get("graph", {})
         if artifact.variant != "qnn" or "prefill" not in graph:
             raise ArtifactError(f"{artifact.path}: the qnn backend runs artifacts of --target onnx --variant qnn; "
                                 f"this one is {artifact.target}/{artifact.variant} (use its own backend)")
         # precompiled context binaries (edge_export.targets.onnx_qnn.compile_context) load without compiling
         files = graph.get("context") or {name: graph[name]["file"] for name in ("prefill", "decode")}
-        self.sessions = {name: qnn_session(artifact.file(files[name]), graph["soc"], threads, provider_options)
-                         for name in ("prefill", "decode")}
+        if provider == "cpu":  # the QDQ arithmetic emulated on the CPU: what a host without the NPU verifies with
+            import onnxruntime as ort
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = int(threads)
+            self.sessions = {name: ort.InferenceSession(str(artifact.file(graph[name]["file"])), options,
+                                                        providers=["CPUExecutionProvider"])
+                             for name in ("prefill", "decode")}
+        else:
+            self.sessions = {name: qnn_session(artifact.file(files[name]), graph["soc"], threads, provider_options)
+                             for name in ("prefill", "decode")}
         self.names = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
         self.decoder = StaticDecoder(artifact.spec, graph, self.max_context, self._run, graph["io"])
 
