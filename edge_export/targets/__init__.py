@@ -24,6 +24,7 @@ class Target:
     extra: dict = field(default_factory=dict)
     variant_quant: dict = field(default_factory=dict)  # variant -> the precisions it takes, where fewer
     prepare: Callable | None = None  # ExportOptions -> ExportOptions: the target's defaults
+    variant_available: dict = field(default_factory=dict)  # variant -> its own available(), where it differs
 
 
 _TARGETS: dict[str, Target] = {}
@@ -55,8 +56,8 @@ def describe_targets() -> list[dict]:
     """Every registered target and variant: what it needs, which precisions, can it run here."""
     rows = []
     for target in all_targets():
-        ok, why = target.available()
         for variant, about in target.variants.items():
+            ok, why = target.variant_available.get(variant, target.available)()
             rows.append({"target": target.name, "variant": variant, "description": about, "needs": target.needs,
                          "quant": list(target.variant_quant.get(variant, target.quant)), "runs_here": ok,
                          "why_not": why})

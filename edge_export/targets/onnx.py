@@ -55,6 +55,11 @@ def verify_scorer(artifact, options):
     return qnn_verify_scorer(artifact, options) if artifact.variant == "qnn" else None
 
 
+def _qnn_available() -> tuple[bool, str]:
+    from runtimes.backends.qnn import qnn_available
+    return qnn_available()
+
+
 def _available() -> tuple[bool, str]:
     try:
         import onnxruntime  # noqa: F401
@@ -74,4 +79,4 @@ register_target(Target(
     needs="onnx to export, onnxruntime to run",
     lower=lower, available=_available, quant=("fp32", "int8", "int4", "fp8"), backend="onnxruntime",
     variant_quant={"ort": ("fp32", "int8", "int4"), "qnn": ("int8", "int4")},
-    default_variant="ort", extra={"verify_scorer": verify_scorer}))
+    default_variant="ort", extra={"verify_scorer": verify_scorer}, variant_available={"qnn": _qnn_available}))
