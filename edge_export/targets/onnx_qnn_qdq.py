@@ -1,0 +1,167 @@
+"""Steps 2 and 3 of the qnn variant (see onnx_qnn.py): calibrate the float graph's activation
+points on onnxruntime's CPU provider, turn each point's range into uint16 parameters, and insert the
+QuantizeLinear/DequantizeLinear pairs; also the decode graph as the prefill graph at one token."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from runtimes.backends.qnn import StaticDecoder
+from runtimes.models import ModelSpec
+
+from ..errors import ExportError
+
+CALIBRATION_DECODE_STEPS = 8
+MIN_RANGE = 1e-4
+# Calibration dequantizes the weights once into float32 copies when they take no more than this
+# (4x faster on SmolLM2); a larger model dequantizes each layer as it runs and stays in memory.
+FOLD_WEIGHTS_BYTES = 2 << 30
+ACT = ("act",)  # calibrated per-tensor range
+
+
+def uint16_params(lo: float, hi: float) -> tuple[float, int]:
+    """Scale and zero point of asymmetric uint16 over [lo, hi] widened to hold 0."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    hi = max(hi, lo + MIN_RANGE)
+    scale = (hi - lo) / 65535.0
+    return scale, int(np.clip(round(-lo / scale), 0, 65535))
+
+
+def with_seq_len(model: onnx.ModelProto, spec: ModelSpec, max_context: int, seq: int) -> onnx.ModelProto:
+    """The same graph for chunks of ``seq`` tokens: only its inputs' and outputs' shapes change
+    (every Reshape inside is written with -1 / 0 where the sequence length goes)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dims = {"input_ids": [1, seq], "attention_mask": [1, 1, seq, max_context + seq],
+            "position_cos": [1, 1, seq, spec.head_dim], "position_sin": [1, 1, seq, spec.head_dim]}
+    for value in list(out.graph.input) + list(out.graph.output):
+        shape = dims.get(value.name)
+        if value.name.startswith("present."):
+            shape = [1, spec.num_kv_heads, seq, spec.head_dim]
+        if shape:
+            for dim, size in zip(value.type.tensor_type.shape.dim, shape):
+                dim.dim_value = size
+    return out
+
+
+def resolve_params(points: dict[str, tuple], ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, int]]:
+    """Every point's uint16 (scale, zero point): calibrated, fixed, or its source's."""
+    params: dict[str, tuple[float, int]] = {}
+
+    def get(t: str, depth: int = 0) -> tuple[float, int]:
+        if t in params:
+            return params[t]
+        kind = points[t]
+        if kind[0] == "same" and depth < 64:
+            value = get(kind[1], depth + 1)
+        elif kind[0] == "params":
+            value = (float(kind[1]), int(kind[2]))
+        elif kind[0] == "range":
+            value = uint16_params(kind[1], kind[2])
+        elif t in ranges:
+            value = uint16_params(*ranges[t])
+        else:
+            raise ExportError(f"qnn calibration: activation {t} was never observed; nothing to set its scale from")
+        params[t] = value
+        return value
+
+    for t in points:
+        get(t)
+    return params
+
+
+def insert_qdq(model: onnx.ModelProto, params: dict[str, tuple[float, int]]) -> onnx.ModelProto:
+    """A QuantizeLinear -> DequantizeLinear pair (uint16) at every tensor of ``params``; graph
+    inputs and outputs among them become the uint16 codes themselves."""
+    g = model.graph
+    outputs = {v.name for v in g.output}
+    dq_of: dict[str, str] = {}
+    nodes, inits, written = [], [], set()
+
+    def constants(t: str) -> tuple[str, str]:
+        if f"{t}/scale" not in written:
+            written.add(f"{t}/scale")
+            inits.append(numpy_helper.from_array(np.array(params[t][0], np.float32), f"{t}/scale"))
+            inits.append(numpy_helper.from_array(np.array(params[t][1], np.uint16), f"{t}/zero_point"))
+        return f"{t}/scale", f"{t}/zero_point"
+
+    def pair(t: str, source: str | None, codes: str) -> None:
+        if source is not None:
+            nodes.append(helper.make_node("QuantizeLinear", [source, *constants(t)], [codes],
+                                          name=f"{t}/QuantizeLinear"))
+        dq_of[t] = f"{t}/DequantizeLinear/output_0"
+        nodes.append(helper.make_node("DequantizeLinear", [codes, *constants(t)], [dq_of[t]],
+                                      name=f"{t}/DequantizeLinear"))
+
+    for value in g.input:
+        if value.name in params:
+            value.type.tensor_type.elem_type = TensorProto.UINT16
+            pair(value.name, None, value.name)
+    for original in g.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        node.input[:] = [dq_of.get(x, x) for x in node.input]
+        produced = [t for t in node.output if t in params]
+        node.output[:] = [f"{t}/float" if t in outputs and t in params else t for t in node.output]
+        nodes.append(node)
+        for t in produced:
+            if t in outputs:
+                pair(t, f"{t}/float", t)
+            else:
+                pair(t, t, f"{t}/QuantizeLinear/output_0")
+    for value in g.output:
+        if value.name in params:
+            value.type.tensor_type.elem_type = TensorProto.UINT16
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    return model
+
+
+def calibrate(model: onnx.ModelProto, folder: Path, points: dict, spec: ModelSpec, max_context: int, seq: int,
+              prompts: list[list[int]], threads: int | None) -> dict[str, tuple[float, float]]:
+    """Min/max of every calibrated point over ``prompts`` (prefilled as the runtime chunks them,
+    then CALIBRATION_DECODE_STEPS greedy decode steps), on onnxruntime's CPU provider."""
+    import onnxruntime as ort
+    observed = [t for t, kind in points.items() if kind == ACT]
+    outputs = {v.name for v in model.graph.output}
+    files = {}
+    for graph, length in (("prefill", seq), ("decode", 1)):
+        m = with_seq_len(model, spec, max_context, length)
+        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in observed if t not in outputs)
+        files[graph] = folder / f".calibration_{graph}.onnx"
+        files[graph].write_bytes(m.SerializeToString())
+    ranges: dict[str, list[float]] = {}
+
+    def observe(out: dict) -> None:
+        for t in observed:
+            lo, hi = float(out[t].min()), float(out[t].max())
+            r = ranges.setdefault(t, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+    try:
+        options = ort.SessionOptions()
+        if spec.parameter_count * 4 <= FOLD_WEIGHTS_BYTES:  # fold the weights' DQ once (float32 copies)
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        sessions = {k: ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
+                    for k, f in files.items()}
+        names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+        decoder = StaticDecoder(spec, {"prefill": {"seq_len": seq}}, max_context,
+                                lambda graph, feeds: dict(zip(names[graph], sessions[graph].run(None, feeds))),
+                                None, observe)
+        for ids in prompts:
+            logits = decoder.prefill(ids[-(max_context - CALIBRATION_DECODE_STEPS):])
+            for _ in range(CALIBRATION_DECODE_STEPS):
+                logits = decoder.decode(int(np.argmax(logits)))
+    finally:
+        for f in files.values():
+            f.unlink(missing_ok=True)
+    return {t: (r[0], r[1]) for t, r in ranges.items()}
+
+
+# ---- the lowering ----------------------------------------------------------------------------
