@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -318,7 +319,8 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cal
                    "adb://SERIAL (an Android device, with --runner); estimate:PROFILE for a roofline estimate "
                    "(profiles: `edge-export devices`). Repeat it to benchmark several devices at once, each in its "
                    "own thread (host runs alone after the others): runs on one machine share its cores and disturb "
-                   "each other's timings, so a device may be listed once.")
+                   "each other's timings, so a device may be listed once. @FILE reads devices from a file, one "
+                   "a line (# starts a comment).")
 @click.option("--prompt-tokens", default=128, show_default=True)
 @click.option("--new-tokens", default=128, show_default=True)
 @click.option("--runs", default=5, show_default=True)
@@ -342,6 +344,7 @@ def bench(ctx, artifact, device_specs, prompt_tokens, new_tokens, runs, warmup, 
     import devices
     options = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads,
                    backend=backend, long_context=long_context or None, runner=runner, timeout=timeout)
+    device_specs = _expand_device_files(device_specs)
     if len(device_specs) == 1:
         result = devices.bench(artifact, device_specs[0], **options)
         emit_json(result) if as_json else click.echo(_result_line(result))
@@ -357,6 +360,27 @@ def bench(ctx, artifact, device_specs, prompt_tokens, new_tokens, runs, warmup, 
                 click.echo(_result_line(entry))
     if any("error" in entry for entry in entries):
         ctx.exit(2)
+
+
+def _expand_device_files(specs) -> list[str]:
+    """``@FILE`` stands for the devices listed in FILE, one a line; blank lines and # comments skipped."""
+    out = []
+    for spec in specs:
+        if not spec.startswith("@"):
+            out.append(spec)
+            continue
+        path = Path(spec[1:])
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"devices file {path}: {e.strerror if isinstance(e, OSError) else e}",
+                                     param_hint="--device") from None
+        listed = [line.split("#", 1)[0].strip() for line in lines]
+        listed = [d for d in listed if d]
+        if not listed:
+            raise click.BadParameter(f"devices file {path} lists no device", param_hint="--device")
+        out += listed
+    return out
 
 
 def _result_line(result: dict) -> str:

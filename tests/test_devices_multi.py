@@ -137,3 +137,13 @@ def test_remote_devices_run_at_once_and_each_fails_on_its_own(sshd, artifact, tm
     while time.monotonic() < deadline and any(runs_left(b) or _runner_pids(b) for b in bases):
         time.sleep(0.1)
     assert all(runs_left(b) == [] and _runner_pids(b) == [] for b in bases)
+
+
+def test_a_devices_file_lists_them(artifact, tmp_path):
+    listed = tmp_path / "devices.txt"
+    listed.write_text(f"# the lab\nhost\n\nestimate:{PROFILE}  # spec sheet only\n")
+    out = bench_cli(artifact, "--device", f"@{listed}", "--json")
+    assert out.exit_code == 0, out.output
+    assert [e["device"] for e in json.loads(out.stdout)] == ["host", f"estimate:{PROFILE}"]
+    missing = bench_cli(artifact, "--device", f"@{tmp_path / 'nope.txt'}")
+    assert missing.exit_code == 2 and "devices file" in missing.stderr and "Traceback" not in missing.output
