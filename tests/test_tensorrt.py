@@ -107,6 +107,8 @@ def test_manifest_records_the_engine_plan(int4_artifact):
     assert profiles["input_ids"]["max"] == [1, 256] and profiles["past_key_values.1.value"]["max"][2] == 255
     assert all(f"{name}:" in engine["trtexec"] for name in profiles)
     assert manifest["quantization"]["method"] == "rtn"  # the default here: TensorRT takes no Q4_1 minimums
+    # verified with the weights' DequantizeLinear folded once (same values); an fp8 graph is not folded
+    assert "folded" in manifest["verification"]["verified_with"]
 
 
 def test_graph_runs_here_and_matches_its_weights(int4_artifact):
@@ -133,7 +135,7 @@ def test_fp8_quantizes_weights_and_activations(fp8_artifact):
     manifest = json.loads((fp8_artifact / "edge_manifest.json").read_text())
     scales = [e["activation_scale"] for e in manifest["weights"].values() if "activation_scale" in e]
     assert len(scales) == 7 * 2 and all(s > 0 for s in scales)
-    assert manifest["verification"]["kl_mean"] < 0.05
+    assert manifest["verification"]["kl_mean"] < 0.05 and "verified_with" not in manifest["verification"]
 
 
 def test_fp8_refused_for_an_ampere_jetson(tiny_llama, tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import ExportError
 from . import Target, register_target
-from .onnx import MODEL_FILE, PORTABLE_SESSION_CONFIG
+from .onnx import MODEL_FILE, PORTABLE_SESSION_CONFIG, folded_scorer
 from .onnx_portable import PortableRules, build_portable_decoder
 
 ENGINE_FILE = "model.engine"
@@ -117,4 +117,4 @@ register_target(Target(
                           "activations, symmetric), plus the engine build plan; build-engine makes the engine"},
     needs="onnx to export; TensorRT (JetPack, or pip install tensorrt with an NVIDIA GPU) to build and run the engine",
     lower=lower, available=_available, quant=("fp16", "int4", "fp8"), backend="tensorrt",
-    default_variant="explicit", prepare=prepare))
+    default_variant="explicit", prepare=prepare, extra={"verify_scorer": folded_scorer}))
