@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import open_checkpoint
-from .verify import (N_NEW, LayerMajorScorer, RuntimeScorer, compare, data_file, encode_prompts, heldout_ids,
-                     load_prompts, perplexity)
+from .verify import (N_NEW, FixedReference, LayerMajorScorer, RuntimeScorer, compare, data_file, encode_prompts,
+                     heldout_ids, load_prompts, perplexity)
 
 ANSWER_TOKENS = 24
 
@@ -82,7 +82,7 @@ def evaluate(candidate: str, reference: str, options, prompts: str | None = None
     ref_ckpt = open_checkpoint(reference)
     ref = ref or reference_pass(ref_ckpt, prompts, ppl, questions)
     scorer, about = candidate_scorer(candidate, ref_ckpt, options)
-    figures = compare(_Done(ref.tokens, ref.logprobs), scorer, ref.prompt_ids)
+    figures = compare(FixedReference(ref.tokens, ref.logprobs), scorer, ref.prompt_ids)
     if ppl:
         figures.ppl = perplexity(scorer, heldout_ids(ref_ckpt.tokenizer))
         figures.ppl_reference = ref.ppl
@@ -90,14 +90,6 @@ def evaluate(candidate: str, reference: str, options, prompts: str | None = None
     if questions:
         out["same_answers"] = same_answers(ref, scorer, ref_ckpt)
     return out
-
-
-class _Done:
-    def __init__(self, tokens, logprobs):
-        self.tokens, self.logprobs = tokens, logprobs
-
-    def greedy(self, prompts, n_new):
-        return self.tokens, self.logprobs
 
 
 def chat_questions() -> list[dict]:

@@ -208,7 +208,7 @@ def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
     """The artifact's next-token distributions against the reference decoder's (figures dict)."""
     import runtimes
 
-    from .verify import LayerMajorScorer, RuntimeScorer, compare, encode_prompts, load_prompts
+    from .verify import FixedReference, LayerMajorScorer, RuntimeScorer, compare, encode_prompts, load_prompts
     prompts = encode_prompts(ckpt.tokenizer, load_prompts(options.prompts))
     reference = LayerMajorScorer(ckpt.spec, ckpt.tensor, rows=lambda name, rows: ckpt.tensor(name, rows=rows))
     ref_tokens, ref_logprobs = reference.greedy(prompts, 32)
@@ -222,20 +222,10 @@ def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
         runtime = runtimes.Runtime(artifact, runtimes.get_backend(artifact.manifest["backend"])(
             artifact, threads=options.threads))
         candidate = RuntimeScorer(runtime.backend)
-    figures = compare(_Fixed(ref_tokens, ref_logprobs), candidate, prompts).to_dict()
+    figures = compare(FixedReference(ref_tokens, ref_logprobs), candidate, prompts).to_dict()
     if getattr(candidate, "verified_with", None):
         figures["verified_with"] = candidate.verified_with
     return figures
-
-
-class _Fixed:
-    """A reference whose greedy pass already ran (so it is not held while the artifact runs)."""
-
-    def __init__(self, tokens, logprobs):
-        self.tokens, self.logprobs = tokens, logprobs
-
-    def greedy(self, prompts, n_new):
-        return self.tokens, self.logprobs
 
 
 def _check_thresholds(figures: dict, options: ExportOptions) -> None:

@@ -26,9 +26,9 @@ from runtimes.tokenizer import ChatTokenizer
 from .artifact import publish, staging_folder, write_manifest
 from .checkpoint.hf import generation_defaults
 from .errors import ExportError
-from .export import _Fixed, _check_thresholds, tokenizer_fields, write_tokenizer
+from .export import _check_thresholds, tokenizer_fields, write_tokenizer
 from .optimum_graph import DATA_FILE, MODEL_FILE, float_weights, gemm_to_matmul, graph_section, quantize, quantized_weights
-from .verify import N_NEW, RuntimeScorer, compare, load_prompts, log_softmax
+from .verify import N_NEW, FixedReference, RuntimeScorer, compare, load_prompts, log_softmax
 
 log = logging.getLogger(__name__)
 VARIANT = "optimum"
@@ -243,7 +243,7 @@ def verify_against_transformers(staging: Path, folder: Path, tokenizer, options)
     ref_tokens, ref_logprobs = transformers_greedy(folder, prompts, N_NEW, options.threads)
     artifact = read_manifest(staging, staging_ok=True)
     backend = runtimes.get_backend("onnxruntime")(artifact, threads=options.threads)
-    figures = compare(_Fixed(ref_tokens, ref_logprobs), RuntimeScorer(backend), prompts).to_dict()
+    figures = compare(FixedReference(ref_tokens, ref_logprobs), RuntimeScorer(backend), prompts).to_dict()
     return {**figures, "verified_against": "transformers"}
 
 

@@ -181,6 +181,17 @@ class LayerMajorScorer:
         return [log_softmax(lg[len(p) - 1:]) for lg, p in zip(out, prompts)]
 
 
+class FixedReference:
+    """A reference whose greedy pass already ran: its tokens and log-probs, so the model that made
+    them need not be held while the candidate runs."""
+
+    def __init__(self, tokens, logprobs):
+        self.tokens, self.logprobs = tokens, logprobs
+
+    def greedy(self, prompts, n_new):
+        return self.tokens, self.logprobs
+
+
 class RuntimeScorer:
     """Any runtime backend (prefill / decode) as a scorer, one sequence at a time."""
 
