@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from runtimes.artifact import load_artifact
+from runtimes.backends.tensorrt import current_gpu
+from runtimes.errors import BackendUnavailableError
 
 from .artifact import publish, staging_folder, write_manifest
 from .errors import EdgeError
@@ -53,7 +55,10 @@ def build_engine(folder: str | Path, *, device: str | None = None, workspace_gb:
         from .targets.tensorrt import check_device
         check_device(device, quant)
     trt = _import_tensorrt(plan)
-    gpu = current_gpu()
+    try:
+        gpu = current_gpu()
+    except BackendUnavailableError as e:
+        raise EngineError(str(e)) from None
     progress(f"building a TensorRT {trt.__version__} engine for {gpu['name']} (sm_{gpu['compute_capability']})")
     t0 = time.perf_counter()
     serialized = _build(trt, artifact.file(manifest["graph"]["file"]), plan, workspace_gb)
@@ -83,31 +88,6 @@ def _import_tensorrt(plan: dict):
                           "engine (JetPack includes TensorRT; on a GPU host pip install tensorrt), or run, in the "
                           f"artifact folder there: {cmd}") from None
     return trt
-
-
-def current_gpu() -> dict:
-    """{name, compute_capability} of CUDA device 0, from whichever CUDA binding is present."""
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            cudart = None
-    if cudart is not None:
-        err, props = cudart.cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-            return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}{props.minor}"}
-    try:
-        import torch
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}{minor}"}
-    except ImportError:
-        pass
-    raise EngineError("no CUDA GPU found (or neither cuda-python nor torch is installed to ask): a TensorRT "
-                      "engine is built on the GPU that will run it")
 
 
 def _build(trt, onnx_path: Path, plan: dict, workspace_gb: float | None) -> bytes:

@@ -14,6 +14,32 @@ from ..errors import ArtifactError, BackendUnavailableError
 from .base import Backend, register_backend
 
 
+def current_gpu() -> dict:
+    """{name, compute_capability} of CUDA device 0. build-engine records it and this backend checks
+    it, both through this one function, so the two compare like with like."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            cudart = None
+    if cudart is not None:
+        err, props = cudart.cudaGetDeviceProperties(0)
+        if int(err) == 0:
+            name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+            return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}{props.minor}"}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}{minor}"}
+    except ImportError:
+        pass
+    raise BackendUnavailableError("no CUDA GPU found (or neither cuda-python nor torch is installed to ask): a "
+                                  "TensorRT engine is built on, and runs on, the GPU it is for")
+
+
 def engine_mismatch(engine: dict, gpu: dict, tensorrt_version: str) -> str | None:
     """Why the artifact's engine cannot run here (none built, another GPU, another TensorRT), or None."""
     if not engine.get("built"):
@@ -52,9 +78,7 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
         import torch
         engine_info = artifact.manifest.get("engine") or {}
-        major, minor = torch.cuda.get_device_capability(0)
-        gpu = {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}{minor}"}
-        why = engine_mismatch(engine_info, gpu, trt.__version__)
+        why = engine_mismatch(engine_info, current_gpu(), trt.__version__)
         if why:
             raise BackendUnavailableError(f"{artifact.path}: {why}")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
