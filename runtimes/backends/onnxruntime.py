@@ -106,6 +106,7 @@ class OnnxRuntimeBackend(Backend):
         self.empty_past = np.zeros((1, heads or self.spec.num_kv_heads, 0, head_dim or self.spec.head_dim),
                                    ORT_TYPES[past.type])
         self.position_ids = "position_ids" in inputs
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         total = self.position + ids.shape[1]
@@ -129,9 +130,7 @@ class OnnxRuntimeBackend(Backend):
             feeds["position_ids"] = np.arange(self.position, total, dtype=np.int64).reshape(1, -1)
         for i in range(self.layers):
             feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = self.past[2 * i:2 * i + 2]
-        outputs = self.session.run(None, feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        by_name = dict(zip(names, outputs))
+        by_name = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
         self.past = [by_name[f"present.{i}.{kind}"] for i in range(self.layers) for kind in ("key", "value")]
         self.position = total
         return np.array(by_name["logits"][0, -1], dtype=np.float32)
