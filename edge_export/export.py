@@ -20,7 +20,7 @@ from quantizers.schemes import Fp8Config, Int4Config, Int8Config, Rules
 from .artifact import publish, staging_folder, write_manifest
 from .checkpoint import open_checkpoint
 from .errors import ExportError, UnsupportedArchitectureError, VerificationError
-from .quantize import QuantizedWeights
+from .quantize import QuantizedWeights, needs_calibration
 from .targets import get_target
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     rules = quant_rules(options)
     with staging_folder(out, options.overwrite, expected_bytes=least_artifact_bytes(ckpt.spec, rules)) as staging:
         calibration = None
-        if options.method in ("awq", "gptq") or (options.quant == "fp8" and options.fp8_activations):
+        if needs_calibration(rules, ckpt.spec):
             calibration = calibration_ids(ckpt.tokenizer, options.calibration)
         weights = QuantizedWeights(ckpt, rules, calibration)
         progress(f"quantizing ({options.quant}, {options.method}) and lowering to {target.name}/{variant}")

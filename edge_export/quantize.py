@@ -55,7 +55,7 @@ class QuantizedWeights:
         self._ready: dict[str, object] = {}
         self._done_layers: set[int] = set()
         self.method = _main_method(rules, self.spec)
-        calibrated = self.method in CALIBRATED or _uses_stats(rules.resolve(self.spec.tensor_name("q_proj", 0)))
+        calibrated = needs_calibration(rules, self.spec)
         if calibrated and not calibration:
             what = f"method '{self.method}'" if self.method in CALIBRATED else "fp8 activation scales"
             raise ExportError(f"{what} needs calibration prompts (--calibration FILE or the built-in set)")
@@ -241,6 +241,12 @@ def _layer_of(name: str) -> int | None:
 def _main_method(rules: Rules, spec) -> str:
     config = rules.resolve(spec.tensor_name("q_proj", 0))
     return getattr(config, "method", "rtn") if config is not None else "float"
+
+
+def needs_calibration(rules: Rules, spec) -> bool:
+    """Do ``rules`` quantize the decoder layers with a method or scale that needs activations
+    (AWQ, GPTQ, fp8 activation scales)?"""
+    return _uses_stats(rules.resolve(spec.tensor_name("q_proj", 0)))
 
 
 def _uses_stats(config) -> bool:
