@@ -83,12 +83,25 @@ class OnnxRuntimeBackend(Backend):
                     ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, device))
                    for _ in range(self.layers)]
         self.binding = self.session.io_binding()
-        self.binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
+        self.logits = self._fixed_logits(graph, ort)
+        if self.logits is not None:  # bound once: reading it back costs no per-token wrapping of every output
+            self.binding.bind_ortvalue_output("logits", self.logits)
+        else:
+            self.binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
         for i, (k, v) in enumerate(self.kv):
             self.binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
             self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
             self.binding.bind_ortvalue_output(f"present.{i}.key", k)
             self.binding.bind_ortvalue_output(f"present.{i}.value", v)
+
+    def _fixed_logits(self, graph: dict, ort):
+        """A preallocated [1, 1, vocab] logits buffer when the graph emits the last position only
+        (its shape never changes); None otherwise."""
+        out = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if graph.get("logits") != "last" or out is None or out.type not in ORT_TYPES:
+            return None
+        vocab = out.shape[-1] if isinstance(out.shape[-1], int) else self.spec.vocab_size
+        return ort.OrtValue.ortvalue_from_shape_and_type((1, 1, vocab), ORT_TYPES[out.type], "cpu")
 
     def _concat_inputs(self) -> None:
         """The empty past (dtype and head dims as the graph declares them) and the extra inputs to feed."""
@@ -119,7 +132,7 @@ class OnnxRuntimeBackend(Backend):
         self.binding.bind_cpu_input("attention_mask", self.mask[:, :total])
         self.session.run_with_iobinding(self.binding)
         self.position = total
-        logits = self.binding.get_outputs()[0].numpy()
+        logits = (self.logits if self.logits is not None else self.binding.get_outputs()[0]).numpy()
         return np.array(logits[0, -1], dtype=np.float32)  # a copy: the output buffer is reused
 
     def _run_concat(self, ids: np.ndarray, total: int) -> np.ndarray:
