@@ -42,7 +42,7 @@ class ExportOptions:
     act_order: bool = False
     head: str = "int8"  # lm_head (and a tied embedding): int8 per row | int4 (the main scheme) | float
     max_context: int = 2048
-    kv_cache: str = "float32"
+    kv_cache: str = "float32"  # float32 | float16 | int8 (onnx/ort: calibrated per-channel scales)
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast on CPU), 0 = exact float
     device: str | None = None  # a device profile the artifact is for: its precisions are checked
     fp8_activations: bool | None = None  # fp8: also quantize each linear's input (per-tensor scale
@@ -55,6 +55,19 @@ class ExportOptions:
     overwrite: bool = False
     threads: int | None = None
     via: str | None = None  # another exporter (EXPORTERS): optimum, for architectures outside the registry
+
+
+# KV-cache precisions beyond float32/float16 and the target/variants that carry them. int8 is
+# onnxruntime's GroupQueryAttention cache quantization (static per-channel scales, calibrated).
+KV_CACHE_TARGETS = {"int8": {("onnx", "ort")}}
+
+
+def check_kv_cache(options: ExportOptions, target: str, variant: str) -> None:
+    carriers = KV_CACHE_TARGETS.get(options.kv_cache)
+    if carriers is not None and (target, variant) not in carriers:
+        names = ", ".join(f"{t}/{v}" for t, v in sorted(carriers))
+        raise ExportError(f"--kv-cache {options.kv_cache} is carried by {names} only, not {target}/{variant}: "
+                          "use --kv-cache fp32 or fp16 there")
 
 
 # Exporters other than our own builder, by the name `--via` takes: module, function(checkpoint, out,
@@ -124,6 +137,7 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     if options.quant not in quants:
         raise ExportError(f"--quant {options.quant} cannot be carried by target {target.name}/{variant} "
                           f"(it takes: {', '.join(quants)})")
+    check_kv_cache(options, target.name, variant)
     if target.prepare is not None:
         options = target.prepare(options)
     t0 = time.perf_counter()
@@ -135,9 +149,10 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     rules = quant_rules(options)
     with staging_folder(out, options.overwrite, expected_bytes=least_artifact_bytes(ckpt.spec, rules)) as staging:
         calibration = None
-        if needs_calibration(rules, ckpt.spec):
+        kv_ranges = options.kv_cache in KV_CACHE_TARGETS
+        if needs_calibration(rules, ckpt.spec) or kv_ranges:
             calibration = calibration_ids(ckpt.tokenizer, options.calibration)
-        weights = QuantizedWeights(ckpt, rules, calibration)
+        weights = QuantizedWeights(ckpt, rules, calibration, kv_ranges=kv_ranges)
         progress(f"quantizing ({options.quant}, {options.method}) and lowering to {target.name}/{variant}")
         lowered = target.lower(ckpt.spec, weights, staging, variant=variant, options=options)
         write_tokenizer(ckpt.tokenizer, staging, ckpt.path)

@@ -1,8 +1,8 @@
 """`edge-export plan`: which quantization and target to export for a device, before exporting.
 
 For each quantization (fp16, int8, int4, fp8) and each target the device runs, the planner gives
-the export's weight bytes (the default quantization rules, edge_export.sizing), the fp16 KV cache
-at the context, whether both fit the device's memory budget, and the roofline estimator's decode
+the export's weight bytes (the default quantization rules, edge_export.sizing), the KV cache at the
+context (fp16, or int8 with ``kv_cache="int8"`` on the targets that carry it: onnx/ort), whether both fit the device's memory budget, and the roofline estimator's decode
 rate, TTFT and time to produce a reasoning trace (devices.estimate). Every figure is an estimate.
 """
 from __future__ import annotations
@@ -21,6 +21,9 @@ PROMPT_TOKENS = 128
 # A higher precision is preferred when its trace is at most this much slower than the fastest.
 QUALITY_SLACK = 0.15
 QUALITY = {"fp16": 3, "fp8": 2, "int8": 2, "int4": 1}
+# KV-cache precisions a plan can ask for: bytes per element, and the targets (as profiles name them)
+# that carry it; every other target keeps its fp16 cache.
+KV_CACHES = {"fp16": (2, None), "int8": (1, {"onnx", "onnx/ort"})}
 
 
 class PlanError(EdgeError):
@@ -37,8 +40,9 @@ def resolve_spec(source: str) -> tuple[str, ModelSpec]:
     return str(ckpt.path), ckpt.spec
 
 
-def export_workload(spec: ModelSpec, quant: str) -> Workload:
-    """The estimator's view of an export at ``quant`` under the default rules (fp16 KV cache)."""
+def export_workload(spec: ModelSpec, quant: str, kv_bytes_per_element: int = 2) -> Workload:
+    """The estimator's view of an export at ``quant`` under the default rules (fp16 KV cache
+    unless told otherwise)."""
     embedding = 0
     if not spec.tied_embeddings:
         config = precision_config(quant)
@@ -46,7 +50,7 @@ def export_workload(spec: ModelSpec, quant: str) -> Workload:
             from quantizers import default_rules
             config = default_rules(config).resolve(spec.tensor_name("embed"))
         embedding = tensor_bytes((spec.vocab_size, spec.hidden_size), config)
-    return Workload(spec, export_weight_bytes(spec, quant), embedding, quant, 2)
+    return Workload(spec, export_weight_bytes(spec, quant), embedding, quant, kv_bytes_per_element)
 
 
 def exportable() -> set[tuple[str, str]]:
@@ -60,12 +64,20 @@ def exportable() -> set[tuple[str, str]]:
     return pairs
 
 
-def plan_option(spec: ModelSpec, roof: Roofline, quant: str, context: int, trace_tokens: int, budget: int) -> dict:
+def kv_cache_for(target: str, kv_cache: str) -> str:
+    """The KV-cache precision a target's export holds when ``kv_cache`` is asked for."""
+    carriers = KV_CACHES[kv_cache][1]
+    return kv_cache if carriers is None or target in carriers else "fp16"
+
+
+def plan_option(spec: ModelSpec, roof: Roofline, quant: str, context: int, trace_tokens: int, budget: int,
+                kv_cache: str = "fp16") -> dict:
     """One (quant, target) row: bytes, fit, and the roofline's figures (tok/s, ms, s)."""
-    work = export_workload(spec, quant)
+    kv_cache = kv_cache_for(roof.target, kv_cache)
+    work = export_workload(spec, quant, KV_CACHES[kv_cache][0])
     kv = work.kv_bytes(context)
     return {
-        "quant": quant, "target": roof.target, "engine": roof.engine,
+        "quant": quant, "target": roof.target, "engine": roof.engine, "kv_cache": kv_cache,
         "exportable": (roof.target, quant) in exportable(),
         "weight_bytes": work.weight_bytes, "kv_bytes": kv, "fits": work.weight_bytes + kv <= budget,
         "est_decode_tok_s": round(roof.decode_tok_s(work, PROMPT_TOKENS, context), 2),
@@ -107,9 +119,11 @@ def recommend(options: list[dict], budget: int, context: int, trace_tokens: int)
     return {"quant": best["quant"], "target": best["target"], "reason": why}
 
 
-def plan(source: str, device: str, context: int = 8192, trace_tokens: int = 4000) -> dict:
+def plan(source: str, device: str, context: int = 8192, trace_tokens: int = 4000, kv_cache: str = "fp16") -> dict:
     """Plan exports of ``source`` for profile ``device`` (see module doc). Bytes in bytes, rates in
     tokens/s, TTFT in ms (128-token prompt), trace time in s. Raises PlanError / ProfileError."""
+    if kv_cache not in KV_CACHES:
+        raise PlanError(f"--kv-cache {kv_cache} is not one of {', '.join(KV_CACHES)}")
     label, spec = resolve_spec(source)
     _check_lengths(spec, context, trace_tokens)
     profile = get_profile(device)
@@ -122,12 +136,13 @@ def plan(source: str, device: str, context: int = 8192, trace_tokens: int = 4000
             continue
         for target in profile.targets:
             options.append(plan_option(spec, Roofline(profile, target), quant, context, trace_tokens,
-                                       profile.budget_bytes))
+                                       profile.budget_bytes, kv_cache))
     return {
         "model": label, "architecture": spec.architecture, "parameters": spec.parameter_count,
         "device": profile.name, "device_title": profile.title, "budget_bytes": profile.budget_bytes,
         "budget": f"{profile.budget_share.value:.0%} of {profile.memory_gb.value:g} GB ({profile.budget_share.source})",
-        "context": context, "trace_tokens": trace_tokens, "prompt_tokens": PROMPT_TOKENS, "estimated": True,
+        "context": context, "trace_tokens": trace_tokens, "prompt_tokens": PROMPT_TOKENS, "kv_cache": kv_cache,
+        "estimated": True,
         "options": options, "skipped": skipped,
         "recommended": recommend(options, profile.budget_bytes, context, trace_tokens),
         "notes": profile.notes,
@@ -152,10 +167,11 @@ def render_plan(p: dict) -> str:
     """The plan as a compact table for a terminal."""
     lines = [f"{p['model']} on {p['device']} ({p['device_title']}): budget {_gib(p['budget_bytes'])} "
              f"({p['budget'].split(' (')[0]}), context {p['context']}, trace {p['trace_tokens']} tokens",
-             f"{'quant':5s} {'target':13s} {'weights':>9s} {'KV':>8s} {'fits':>4s} {'decode tok/s':>12s} "
+             f"{'quant':5s} {'target':13s} {'weights':>9s} {'KV':>13s} {'fits':>4s} {'decode tok/s':>12s} "
              f"{'TTFT ms':>8s} {'trace s':>8s}  export"]
     for o in p["options"]:
-        lines.append(f"{o['quant']:5s} {o['target']:13s} {_gib(o['weight_bytes']):>9s} {_gib(o['kv_bytes']):>8s} "
+        kv = f"{_gib(o['kv_bytes'])} {o['kv_cache']}"
+        lines.append(f"{o['quant']:5s} {o['target']:13s} {_gib(o['weight_bytes']):>9s} {kv:>13s} "
                      f"{'yes' if o['fits'] else 'no':>4s} {o['est_decode_tok_s']:12.1f} {o['est_ttft_ms']:8.0f} "
                      f"{o['est_trace_s']:8.0f}  {'yes' if o['exportable'] else 'not yet'}")
     lines += [f"skipped {s['quant']}: {s['reason']}" for s in p["skipped"]]

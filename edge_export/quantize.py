@@ -45,19 +45,24 @@ class TensorRecord:
 class QuantizedWeights:
     """HF tensor name -> QuantizedTensor | float32, layer by layer, as ``rules`` say.
 
-    ``calibration``: prompt id lists, needed when any rule's method is awq or gptq.
+    ``calibration``: prompt id lists, needed when any rule's method is awq or gptq, or with
+    ``kv_ranges`` (static int8 KV-cache scales, read with :meth:`kv_scales`).
     ``keep``: carry a GGUF's Q4_0 / Q4_1 / Q8_0 blocks as they are instead of re-quantizing.
     """
 
-    def __init__(self, checkpoint, rules: Rules, calibration: list[list[int]] | None = None):
+    def __init__(self, checkpoint, rules: Rules, calibration: list[list[int]] | None = None,
+                 kv_ranges: bool = False):
         self.ckpt, self.spec, self.rules = checkpoint, checkpoint.spec, rules
         self.records: dict[str, TensorRecord] = {}
         self._ready: dict[str, object] = {}
         self._done_layers: set[int] = set()
         self.method = _main_method(rules, self.spec)
-        calibrated = needs_calibration(rules, self.spec)
+        self._linear_stats = needs_calibration(rules, self.spec)
+        self._kv: dict[int, quantizers.KVRange] | None = {} if kv_ranges else None
+        calibrated = self._linear_stats or kv_ranges
         if calibrated and not calibration:
-            what = f"method '{self.method}'" if self.method in CALIBRATED else "fp8 activation scales"
+            what = (f"method '{self.method}'" if self.method in CALIBRATED else
+                    "fp8 activation scales" if self._linear_stats else "--kv-cache int8")
             raise ExportError(f"{what} needs calibration prompts (--calibration FILE or the built-in set)")
         if self.method == "keep" and checkpoint.format != "gguf":
             raise ExportError(f"--method keep carries a GGUF's quantized blocks; {checkpoint.path} is an "
@@ -80,6 +85,19 @@ class QuantizedWeights:
         if name in self._ready:
             return self._ready.pop(name)
         return self._single(name)
+
+    def kv_scales(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``layer``'s static int8 KV-cache scales (k_scale, v_scale), [kv_heads, head_dim]
+        float32 each, from the calibration prompts' keys and values (quantizers.kv)."""
+        if self._kv is None:
+            raise ExportError("KV-cache scales were not gathered: QuantizedWeights(..., kv_ranges=True)")
+        if layer not in self._done_layers:
+            self._quantize_layer(layer)
+        return self._kv[layer].scales()
+
+    @property
+    def calibration_prompts(self) -> int:
+        return len(self._hidden or [])
 
     def dequantized(self, name: str) -> np.ndarray:
         """What a target computes with for ``name``, as float32 (for evaluating the candidate)."""
@@ -172,17 +190,30 @@ class QuantizedWeights:
         self.records[name] = TensorRecord(qt.scheme, "quantized")
         return qt
 
-    def _observe(self, i: int, lw: LayerWeights) -> dict[str, Stats]:
-        """Run float layer i over every calibration prompt; statistics of each linear's input."""
-        keep_xtx = self.method == "gptq"
-        widths = {"qkv": self.spec.hidden_size, "o": self.spec.num_heads * self.spec.head_dim,
-                  "gate_up": self.spec.hidden_size, "down": self.spec.intermediate_size}
-        stats = {p: Stats(k, keep_xtx=keep_xtx) for p, k in widths.items()}
+    def _observe(self, i: int, lw: LayerWeights) -> dict[str, Stats] | None:
+        """Run float layer i over every calibration prompt; statistics of each linear's input (when
+        a method or fp8 activation scale needs them) and the ranges its KV cache must hold."""
+        stats = None
+        if self._linear_stats:
+            keep_xtx = self.method == "gptq"
+            widths = {"qkv": self.spec.hidden_size, "o": self.spec.num_heads * self.spec.head_dim,
+                      "gate_up": self.spec.hidden_size, "down": self.spec.intermediate_size}
+            stats = {p: Stats(k, keep_xtx=keep_xtx) for p, k in widths.items()}
+        kv = quantizers.KVRange(self.spec.num_kv_heads, self.spec.head_dim) if self._kv is not None else None
+        keys = []
 
         def observer(layer, point, x):
-            stats[point].update(x)
+            if point == "k":
+                keys.append(x)
+            elif point == "v":
+                if kv is not None:
+                    kv.update(keys.pop(), x)
+            elif stats is not None:
+                stats[point].update(x)
         for h, (cos, sin) in zip(self._hidden, self._tables):
             layer_forward(self.spec, lw, h, cos, sin, observer=observer)
+        if kv is not None:
+            self._kv[i] = kv
         return stats
 
     def _awq_layer(self, i: int, lw: LayerWeights, stats: dict[str, Stats], names: dict) -> dict:

@@ -13,6 +13,7 @@ from .dispatch import HANDLERS, quantize, register_handler
 from .e4m3 import decode_e4m3fn, encode_e4m3fn
 from .errors import QuantizationError
 from .gguf import GGUF_KINDS, from_gguf_blocks
+from .kv import KVRange, quantize_kv
 from .pack import (make_tensor_proto, pack_coreml_blockwise, pack_dequantizelinear, pack_matmulnbits,
                    unpack_coreml_blockwise, unpack_dequantizelinear, unpack_matmulnbits)
 from .schemes import (SCHEMES, SUPPORTED_GROUP_SIZES, Fp8Config, Int4Config, Int8Config, Rules,
@@ -21,10 +22,11 @@ from .stats import Stats
 from .tensor import QuantizedTensor
 
 __all__ = [
-    "Fp8Config", "GGUF_KINDS", "HANDLERS", "Int4Config", "Int8Config", "QuantizationError", "QuantizedTensor",
+    "Fp8Config", "GGUF_KINDS", "HANDLERS", "Int4Config", "Int8Config", "KVRange", "QuantizationError", "QuantizedTensor",
     "Rules", "SCHEMES", "SUPPORTED_GROUP_SIZES", "Stats", "awq_quantize_shared", "awq_search_shared",
     "decode_e4m3fn", "default_rules", "encode_e4m3fn", "fallback_group_size", "from_gguf_blocks",
     "make_tensor_proto", "pack_coreml_blockwise", "pack_dequantizelinear", "pack_matmulnbits", "quantize",
+    "quantize_kv",
     "register_handler", "register_scheme", "scheme_from_dict", "unpack_coreml_blockwise",
     "unpack_dequantizelinear", "unpack_matmulnbits",
 ]

@@ -69,9 +69,11 @@ def project_qkv(spec: ModelSpec, lw: LayerWeights, x: np.ndarray) -> tuple[np.nd
 
 
 def attend(spec: ModelSpec, lw: LayerWeights, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray,
-           sin: np.ndarray, k_cache: np.ndarray | None, v_cache: np.ndarray | None, start: int) -> np.ndarray:
+           sin: np.ndarray, k_cache: np.ndarray | None, v_cache: np.ndarray | None, start: int,
+           observer: Observer | None = None, layer: int = 0) -> np.ndarray:
     """Causal GQA of one sequence's projections at positions start.. ; fills the cache if given.
-    Returns the attention output [T, heads*hd] (o_proj's input)."""
+    Returns the attention output [T, heads*hd] (o_proj's input). The observer sees the keys
+    before rotary ("k") and the values ("v"), [kv_heads, T, hd] each: what a KV cache holds."""
     t, hd = q.shape[0], spec.head_dim
     q = q.reshape(t, spec.num_heads, hd).transpose(1, 0, 2)
     k = k.reshape(t, spec.num_kv_heads, hd).transpose(1, 0, 2)
@@ -79,6 +81,9 @@ def attend(spec: ModelSpec, lw: LayerWeights, q: np.ndarray, k: np.ndarray, v: n
     if spec.qk_norm:
         q = rms_norm(q, lw["q_norm"], spec.rms_norm_eps)
         k = rms_norm(k, lw["k_norm"], spec.rms_norm_eps)
+    if observer:
+        observer(layer, "k", k)
+        observer(layer, "v", v)
     q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
     if k_cache is not None:
         k_cache[:, start:start + t] = k
@@ -102,7 +107,7 @@ def attention(spec: ModelSpec, lw: LayerWeights, x: np.ndarray, cos: np.ndarray,
               k_cache: np.ndarray | None, v_cache: np.ndarray | None, start: int,
               observer: Observer | None = None, layer: int = 0) -> np.ndarray:
     """Self-attention over x [T, hidden] at positions start..start+T-1; fills the cache if given."""
-    out = attend(spec, lw, *project_qkv(spec, lw, x), cos, sin, k_cache, v_cache, start)
+    out = attend(spec, lw, *project_qkv(spec, lw, x), cos, sin, k_cache, v_cache, start, observer, layer)
     if observer:
         observer(layer, "o", out)
     return out @ lw["o_proj"].T

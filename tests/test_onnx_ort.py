@@ -307,7 +307,9 @@ def test_genai_config_fields():
 def test_bad_options_and_weights_are_named(tmp_path):
     spec = small_spec("llama")
     weights = random_weights(spec)
-    with pytest.raises(ExportError, match="kv_dtype 'int8' is not supported"):
+    with pytest.raises(ExportError, match="kv_dtype 'int4' is not supported"):
+        build_ort_decoder(spec, Weights(weights), tmp_path / "a", max_context=MAX_CONTEXT, kv_dtype="int4")
+    with pytest.raises(ExportError, match=r"an int8 KV cache needs calibrated scales: weights must offer kv_scales"):
         build_ort_decoder(spec, Weights(weights), tmp_path / "a", max_context=MAX_CONTEXT, kv_dtype="int8")
     with pytest.raises(ExportError, match="max_context=8192 must be in 1..4096"):
         build_ort_decoder(spec, Weights(weights), tmp_path / "a", max_context=8192)

@@ -26,6 +26,10 @@ def lower_ort(spec, weights, folder: Path, variant: str, options) -> dict:
              "accuracy_level": options.accuracy_level, "logits": "last", "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key",
                                                               "past_key_values.{i}.value"],
              "outputs": ["logits", "present.{i}.key", "present.{i}.value"]}
+    if options.kv_cache == "int8":
+        graph["kv_scales"] = {"granularity": "per-channel", "initializers": "model.layers.{i}.attn.k_scale/v_scale",
+                              "keys": "max rotary-pair radius / 127 (holds at every position)",
+                              "values": "max |v| / 127", "calibration_prompts": weights.calibration_prompts}
     return {"graph": graph, "weights": weights_table(folder / MODEL_FILE, spec), "backend": "onnxruntime"}
 
 

@@ -26,7 +26,9 @@ from .onnx_linear import Linear, LinearEmitter, checked_tensor, concat_linears, 
 
 logger = logging.getLogger(__name__)
 
-KV_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+# int8: GroupQueryAttention quantizes the cache itself, with static per-channel k/v scales that
+# ``weights.kv_scales(layer)`` supplies (quantizers.kv: keys by rotary-pair radius, values by max |v|).
+KV_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 # One MatMulNBits for q/k/v and one for gate/up (then Split) decode faster than separate ones:
 # SmolLM2 shapes, random int4, 2 threads, this 2-core EPYC: 3.04 ms/token fused, 3.40 with q/k/v
 # apart, 3.18 with gate/up apart, 3.54 with neither (medians of 10 alternating runs; prefill equal).
@@ -48,6 +50,8 @@ def build_ort_decoder(spec: ModelSpec, weights, out_dir: str | Path, *, max_cont
     """
     if kv_dtype not in KV_TYPES:
         raise ExportError(f"kv_dtype '{kv_dtype}' is not supported by the ort variant (use {', '.join(KV_TYPES)})")
+    if kv_dtype == "int8" and not hasattr(weights, "kv_scales"):
+        raise ExportError("an int8 KV cache needs calibrated scales: weights must offer kv_scales(layer)")
     if not 0 < max_context <= spec.max_position_embeddings:
         raise ExportError(f"max_context={max_context} must be in 1..{spec.max_position_embeddings} "
                           "(the model's max_position_embeddings)")
@@ -70,6 +74,7 @@ class _DecoderGraph:
                  accuracy_level: int, all_logits: bool):
         self.spec, self.weights, self.g = spec, weights, graph
         self.max_context, self.kv_type, self.all_logits = max_context, KV_TYPES[kv_dtype], all_logits
+        self.kv_int8 = kv_dtype == "int8"
         self.emit = LinearEmitter(graph, accuracy_level)
         self.shapes = spec.tensor_shapes()
         self.tied_head: Linear | None = None
@@ -195,13 +200,20 @@ class _DecoderGraph:
             q = self._head_norm(f"{p}/attn/q_norm", q, lw["q_norm"], s.num_heads)
             k = self._head_norm(f"{p}/attn/k_norm", k, lw["k_norm"], s.num_kv_heads)
         name = f"{p}/attn/GroupQueryAttention"
+        inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", self.seqlens_k, self.total_len,
+                  self.cos, self.sin]
+        quant = {}
+        if self.kv_int8:  # position_ids, attention_bias and head_sink stay absent
+            k_scale, v_scale = self.weights.kv_scales(i)
+            shape = (1, s.num_kv_heads, 1, s.head_dim)
+            inputs += ["", "", "", g.weight(f"model.layers.{i}.attn.k_scale", k_scale.reshape(shape)),
+                       g.weight(f"model.layers.{i}.attn.v_scale", v_scale.reshape(shape))]
+            quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         out, _, _ = g.node(
-            "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", self.seqlens_k, self.total_len,
-             self.cos, self.sin],
+            "GroupQueryAttention", inputs,
             name, outputs=[f"{name}/output_0", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
             num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-            scale=1.0 / math.sqrt(s.head_dim))
+            scale=1.0 / math.sqrt(s.head_dim), **quant)
         return out
 
     def _head_norm(self, base: str, x: str, gamma: np.ndarray, heads: int) -> str:

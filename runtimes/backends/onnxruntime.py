@@ -18,7 +18,7 @@ PROVIDERS = {
     "coreml": "CoreMLExecutionProvider", "qnn": "QNNExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
     "nnapi": "NnapiExecutionProvider", "dml": "DmlExecutionProvider", "openvino": "OpenVINOExecutionProvider",
 }
-KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+KV_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Inputs a concat graph may take: what this backend knows how to feed.
 CONCAT_INPUTS = ("input_ids", "attention_mask", "position_ids")
