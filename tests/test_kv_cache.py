@@ -121,3 +121,20 @@ def test_plan_counts_an_int8_cache_where_it_is_carried():
     # R1-Distill-Llama-8B at 32k tokens: 4 GiB of fp16 cache, 2 GiB in int8
     assert rows[("int4", "onnx/ort")]["kv_bytes"] == 4 * 2**30
     assert json.loads(json.dumps(int8))["kv_cache"] == "int8"
+
+
+def test_long_prompts_prefill_in_chunks_with_the_same_logits(kv_pair):
+    """A prompt longer than PREFILL_CHUNK runs in chunks on the shared buffer; the logits and the
+    cache it leaves equal one whole-prompt call's, with either cache precision."""
+    from runtimes.backends.onnxruntime import PREFILL_CHUNK
+    f32, i8, _ = kv_pair
+    ids = [int(t) for t in np.random.default_rng(3).integers(5, 200, PREFILL_CHUNK * 2 + 37)]
+    for folder in (f32, i8):
+        rt = runtimes.load(folder)
+        chunked = rt.backend.prefill(ids)
+        after_chunks = rt.backend.decode(7)
+        rt.backend.position = 0
+        whole = rt.backend._run(np.asarray(ids, np.int64).reshape(1, -1))
+        assert np.allclose(chunked, whole, atol=1e-4)
+        assert np.allclose(after_chunks, rt.backend.decode(7), atol=1e-4)
+        assert rt.backend.position == len(ids) + 1

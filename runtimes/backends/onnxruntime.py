@@ -20,6 +20,10 @@ PROVIDERS = {
 }
 KV_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# GroupQueryAttention over a long prompt in one call is slower than in chunks, much more so with
+# an int8 cache (onnxruntime 1.32 CPU, this 2-core EPYC, 1792-token prompt, SmolLM2 int4: fp32
+# cache 1315 ms whole / 1278 ms in 256s; int8 cache 3857 / 2647 ms); the logits are identical.
+PREFILL_CHUNK = 256
 # Inputs a concat graph may take: what this backend knows how to feed.
 CONCAT_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -149,8 +153,15 @@ class OnnxRuntimeBackend(Backend):
         return np.array(by_name["logits"][0, -1], dtype=np.float32)
 
     def prefill(self, ids) -> np.ndarray:
+        """Run the prompt: on the shared KV buffer in chunks of PREFILL_CHUNK positions (same
+        logits; attention's scratch stays [chunk, context] instead of [prompt, context]);
+        a concat graph in one call."""
         self.position = 0
-        return self._run(np.asarray(ids, dtype=np.int64).reshape(1, -1))
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        step = ids.shape[1] if self.concat else PREFILL_CHUNK
+        for start in range(0, max(ids.shape[1], 1), max(step, 1)):
+            logits = self._run(ids[:, start:start + step])
+        return logits
 
     def decode(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], dtype=np.int64))
