@@ -115,7 +115,8 @@ TARGET_HELP = """Targets and variants (`edge-export targets` says which run here
               help="int4 method; keep (the default for a GGUF) carries its quantized blocks as they are; "
                    "rtn is the default otherwise.")
 @click.option("--head", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True,
-              help="lm_head (and a tied embedding): int8 per row keeps logits accurate; int4 is smaller and faster.")
+              help="lm_head (and a tied embedding): int8 per row keeps logits accurate; int4 is smaller and faster "
+                   "(with keep, it re-quantizes the GGUF's Q8_0 head instead of carrying it).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="int4 group; where it does not divide a tensor's input width the largest that does is used "
                    "(recorded in the manifest).")

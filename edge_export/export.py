@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import import_module
 from pathlib import Path
 from typing import Callable
@@ -79,7 +79,6 @@ def resolve_method(options: ExportOptions, ckpt) -> ExportOptions:
     """Weights that arrive quantized (GGUF) are carried as they are unless a method is asked for."""
     if options.method is not None:
         return options
-    from dataclasses import replace
     return replace(options, method="keep" if ckpt.format == "gguf" and options.quant == "int4" else "rtn")
 
 
@@ -105,6 +104,9 @@ def quant_rules(options: ExportOptions) -> Rules:
     head = None if options.head == "float" else config
     if options.head == "int4" and not isinstance(config, Int4Config):
         raise ExportError("--head int4 needs --quant int4")
+    if head is not None and config.method == "keep":
+        # a GGUF's head/embedding is Q8_0 (or wider): --head int4 asks for it re-quantized, not carried
+        head = replace(config, method="rtn")
     return Rules((("lm_head.weight", head), ("model.embed_tokens.weight", head)) + rules.rules)
 
 

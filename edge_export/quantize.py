@@ -137,8 +137,9 @@ class QuantizedWeights:
         return _concat_rows(parts)
 
     def _carry(self, name: str, config):
-        """With --method keep, any tensor the rules quantize keeps its GGUF blocks if it has them."""
-        if self.method != "keep":
+        """With --method keep, any tensor the rules quantize keeps its GGUF blocks if it has them,
+        unless its rule names another method (``--head int4`` re-quantizes a Q8_0 head)."""
+        if self.method != "keep" or getattr(config, "method", "keep") != "keep":
             return None
         blocks = self.ckpt.quantized_blocks(name)
         if blocks is None:

@@ -502,3 +502,18 @@ def test_corrupted_tiny_files_only_ever_raise_edge_errors(tmp_path):
                 ckpt.tensor(name)
         except EdgeError as e:
             assert str(path) in str(e) or isinstance(e, ConfigError), (trial, e)
+
+
+def test_keep_carries_blocks_and_head_int4_requantizes_the_q8_0_head(smollm2):
+    """--method keep carries the Q4_1 layers; the Q8_0 embedding/head is carried at int8 unless
+    --head int4 asks for it re-quantized (recorded as such)."""
+    from edge_export.export import ExportOptions, quant_rules
+    from edge_export.quantize import QuantizedWeights
+    embed, q = "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"
+    carried = QuantizedWeights(smollm2, quant_rules(ExportOptions(method="keep")))
+    assert carried.get(embed).scheme["scheme"] == "int8" and carried.records[embed].source == "carried"
+    asked = QuantizedWeights(smollm2, quant_rules(ExportOptions(method="keep", head="int4", group_size=64)))
+    head = asked.get(embed)
+    assert head.scheme == {**head.scheme, "scheme": "int4", "group_size": 64, "method": "rtn"}
+    assert asked.records[embed].source == "requantized"
+    assert asked.get(q).scheme["method"] == "keep" and asked.records[q].source == "decomposed"
