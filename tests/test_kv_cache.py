@@ -138,3 +138,10 @@ def test_long_prompts_prefill_in_chunks_with_the_same_logits(kv_pair):
         assert np.allclose(chunked, whole, atol=1e-4)
         assert np.allclose(after_chunks, rt.backend.decode(7), atol=1e-4)
         assert rt.backend.position == len(ids) + 1
+
+
+def test_int8_cache_on_every_architecture(tiny_checkpoint, tmp_path):
+    """Qwen2's k/v biases and Qwen3's k-norm come before the cache: the calibrated scales see them."""
+    manifest = export(tiny_checkpoint, tmp_path / "i8", ExportOptions(quant="fp32", kv_cache="int8", **LOOSE))
+    assert manifest["graph"]["kv_dtype"] == "int8"
+    assert manifest["verification"]["kl_mean"] < 0.01 and manifest["verification"]["top1_agreement"] > 0.9
