@@ -20,7 +20,7 @@ from quantizers.awq import awq_quantize_shared, awq_search_shared
 
 from runtimes import rope
 from runtimes.models import LAYER_TENSORS
-from runtimes.reference import LayerWeights, layer_forward, layer_keys
+from runtimes.reference import LayerWeights, layer_forward, layer_keys, rms_norm
 
 from .errors import ExportError
 
@@ -116,25 +116,47 @@ class QuantizedWeights:
         if carried is not None:
             self.records[name] = TensorRecord(carried.scheme, _carry_kind(carried))
             return carried
-        config = _rtn_if_calibrated(config)
+        stats = None
+        if getattr(config, "method", None) == "gptq" and self._hidden is not None and self._serves_as_head(name):
+            stats = self._head_input_stats()  # an int4 head by GPTQ: its input is the final norm's output
+        else:
+            config = _rtn_if_calibrated(config)
         if getattr(config, "activation_scales", False):  # outside the observed layers: weights only
             config = dataclasses.replace(config, activation_scales=False)
-        qt = self._quantize_rows(source, name, config)
+        qt = self._quantize_rows(source, name, config, stats)
         self.records[name] = TensorRecord(qt.scheme, "requantized" if self.method == "keep" else "quantized")
         return qt
 
-    def _quantize_rows(self, source: str, name: str, config) -> QuantizedTensor:
+    def _quantize_rows(self, source: str, name: str, config, stats: Stats | None = None) -> QuantizedTensor:
         """Quantize a tensor; one whose rows quantize independently (RTN int4/int8, per-channel
-        fp8) and that is large (a 150k-row embedding) goes in row chunks, so its float32 copy is
-        never whole in memory."""
+        fp8, GPTQ: every row sees the same Hessian) and that is large (a 150k-row embedding) goes
+        in row chunks, so its float32 copy is never whole in memory."""
         rows, cols = self.spec.tensor_shapes()[name if name in self.spec.tensor_shapes() else source]
         separable = not (getattr(config, "scheme", "") == "fp8" and not config.per_channel)
         if rows * cols <= CHUNK_ELEMENTS or not separable:
-            return quantizers.quantize(self.ckpt.tensor(source), config, name)
+            return quantizers.quantize(self.ckpt.tensor(source), config, name, stats)
         step = max(1, CHUNK_ELEMENTS // cols)
-        parts = [quantizers.quantize(self.ckpt.tensor(source, rows=slice(r, r + step)), config, name)
+        parts = [quantizers.quantize(self.ckpt.tensor(source, rows=slice(r, r + step)), config, name, stats)
                  for r in range(0, rows, step)]
         return _concat_rows(parts)
+
+    def _serves_as_head(self, name: str) -> bool:
+        return name == self.spec.tensor_name("lm_head") or (
+            self.spec.tied_embeddings and name == self.spec.tensor_name("embed"))
+
+    def _head_input_stats(self) -> Stats:
+        """Statistics of lm_head's input over the calibration prompts: the states reached so far
+        (through the layers already quantized), carried through the remaining layers in float,
+        then the final norm. Layer by layer; ``self._hidden`` is left as it was."""
+        states = self._hidden
+        for i in range(len(self._done_layers), self.spec.num_layers):
+            lw = LayerWeights.load(self.spec, i, self.ckpt.tensor)
+            states = [layer_forward(self.spec, lw, h, cos, sin) for h, (cos, sin) in zip(states, self._tables)]
+        gamma = np.asarray(self.ckpt.tensor(self.spec.tensor_name("final_norm")), np.float32)
+        stats = Stats(self.spec.hidden_size, keep_xtx=True)
+        for h in states:
+            stats.update(rms_norm(h, gamma, self.spec.rms_norm_eps))
+        return stats
 
     def _carry(self, name: str, config):
         """With --method keep, any tensor the rules quantize keeps its GGUF blocks if it has them,

@@ -113,3 +113,23 @@ def test_gptq_with_a_diagonal_hessian_is_rtn(act_order):
     rtn = Q.quantize(w, Q.Int4Config(), "w")
     np.testing.assert_array_equal(codes, rtn.q)
     np.testing.assert_array_equal(scales, rtn.scales)
+
+
+def test_int4_head_by_gptq_sees_the_final_norm_output(tiny_llama):
+    """--method gptq --head int4: the head is GPTQ'd against its real input (the final norm of the
+    calibration states), so its output error there is below round-to-nearest's."""
+    import quantizers as Q
+    from edge_export.checkpoint import open_checkpoint
+    from edge_export.export import ExportOptions, calibration_ids, quant_rules
+    from edge_export.quantize import QuantizedWeights
+    ckpt = open_checkpoint(tiny_llama)
+    weights = QuantizedWeights(ckpt, quant_rules(ExportOptions(method="gptq", head="int4")),
+                               calibration_ids(ckpt.tokenizer, None)[:16])
+    name = ckpt.spec.tensor_name("embed" if ckpt.spec.tied_embeddings else "lm_head")
+    x = weights._head_input_stats().sample
+    head = weights.get(name)
+    assert head.scheme["method"] == "gptq" and weights.records[name].source == "quantized"
+    w = ckpt.tensor(name)
+    rtn = Q.quantize(w, Q.Int4Config(group_size=32), name)
+    error = lambda qt: np.linalg.norm(x @ (w - qt.effective_weight()).T)  # noqa: E731
+    assert error(head) < 0.9 * error(rtn)
