@@ -94,9 +94,12 @@ def test_tampered_artifact_is_refused(tiny_llama, tmp_path):
         runtimes.load(folder)
 
 
-def test_onnxruntime_genai_runs_the_artifact(tiny_llama, tmp_path):
+@pytest.mark.parametrize("kv_cache", ["float32", "int8"])
+def test_onnxruntime_genai_runs_the_artifact(tiny_llama, tmp_path, kv_cache):
+    """genai_config.json loads as it is; with an int8 cache genai sizes its buffers from the graph's
+    int8 inputs. Either way genai generates our greedy tokens."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    folder, _ = exported(tiny_llama, tmp_path / "a", quant="int4", verify=False)
+    folder, _ = exported(tiny_llama, tmp_path / "a", quant="int4", verify=False, kv_cache=kv_cache)
     rt = runtimes.load(folder)
     prompt = list(range(10, 30))
     ours = rt.generator.generate(prompt, runtimes.Sampling(max_new_tokens=10, ignore_eos=True)).tokens
