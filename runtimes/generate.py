@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, TokenizerError
 from .tokenizer import THINK_CLOSE, THINK_OPEN
 
 BUDGET_CLOSE = "\n</think>\n\n"
@@ -157,6 +157,8 @@ class Generator:
         result = result if result is not None else Result()
         result.prompt_tokens = len(prompt_ids)
         limit = self.backend.max_context
+        if not len(prompt_ids):
+            raise TokenizerError("the prompt encodes to no tokens: give a non-empty prompt (or messages)")
         if len(prompt_ids) >= limit:
             raise ContextOverflowError(f"the prompt has {len(prompt_ids)} tokens; the artifact's context is "
                                        f"{limit}: shorten the prompt or re-export with a larger --max-context")

@@ -82,6 +82,14 @@ def test_prompt_longer_than_context(tiny_llama):
         gen.generate(list(range(12)), Sampling())
 
 
+def test_empty_prompt_is_named(tiny_llama):
+    from runtimes.errors import TokenizerError
+    ckpt = open_checkpoint(tiny_llama)
+    gen = Generator(DecoderBackend(ckpt), ckpt.tokenizer, [])
+    with pytest.raises(TokenizerError, match="the prompt encodes to no tokens"):
+        gen.generate([], Sampling())
+
+
 def test_sampling_is_seeded_and_respects_top_p():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     s = Sampling(temperature=1.0, top_p=0.7, seed=0)

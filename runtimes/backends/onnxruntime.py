@@ -158,8 +158,9 @@ class OnnxRuntimeBackend(Backend):
         a concat graph in one call."""
         self.position = 0
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        step = ids.shape[1] if self.concat else PREFILL_CHUNK
-        for start in range(0, max(ids.shape[1], 1), max(step, 1)):
+        n = ids.shape[1]
+        step = n if self.concat else PREFILL_CHUNK
+        for start in range(0, n, step) if n else [0]:  # an empty prompt fails in _run, as it always did
             logits = self._run(ids[:, start:start + step])
         return logits
 
