@@ -68,6 +68,7 @@ class QuantizedWeights:
             raise ExportError(f"--method keep carries a GGUF's quantized blocks; {checkpoint.path} is an "
                               f"{checkpoint.format} checkpoint with float weights: use rtn, awq or gptq")
         self._hidden = None
+        self._head_stats: Stats | None = None
         if calibrated:
             # only the rows the prompts use are read: a 150k-row table is never whole in float32
             used = np.unique(np.concatenate([np.asarray(ids) for ids in calibration]))
@@ -147,7 +148,10 @@ class QuantizedWeights:
     def _head_input_stats(self) -> Stats:
         """Statistics of lm_head's input over the calibration prompts: the states reached so far
         (through the layers already quantized), carried through the remaining layers in float,
-        then the final norm. Layer by layer; ``self._hidden`` is left as it was."""
+        then the final norm. Layer by layer; ``self._hidden`` is left as it was. Computed once (a
+        tied embedding and lm_head may both ask)."""
+        if self._head_stats is not None:
+            return self._head_stats
         states = self._hidden
         for i in range(len(self._done_layers), self.spec.num_layers):
             lw = LayerWeights.load(self.spec, i, self.ckpt.tensor)
@@ -156,6 +160,7 @@ class QuantizedWeights:
         stats = Stats(self.spec.hidden_size, keep_xtx=True)
         for h in states:
             stats.update(rms_norm(h, gamma, self.spec.rms_norm_eps))
+        self._head_stats = stats
         return stats
 
     def _carry(self, name: str, config):
