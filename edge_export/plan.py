@@ -2,8 +2,9 @@
 
 For each quantization (fp16, int8, int4, fp8) and each target the device runs, the planner gives
 the export's weight bytes (the default quantization rules, edge_export.sizing), the KV cache at the
-context (fp16, or int8 with ``kv_cache="int8"`` on the targets that carry it: onnx/ort), whether both fit the device's memory budget, and the roofline estimator's decode
-rate, TTFT and time to produce a reasoning trace (devices.estimate). Every figure is an estimate.
+context (fp16, or int8 with ``kv_cache="int8"`` on the targets that carry it: onnx/ort), whether
+both fit the device's memory budget, and the roofline estimator's decode rate, TTFT and time to
+produce a reasoning trace (devices.estimate). Every figure is an estimate.
 """
 from __future__ import annotations
 
