@@ -27,6 +27,11 @@ CANDIDATES = [
     ("int4 g64 gptq", dict(quant="int4", method="gptq", group_size=64)),
     ("int4 keep (GGUF Q4_1 carried)", dict(quant="int4", method="keep")),
     ("int4 keep, ONNX artifact (int8 activations)", dict(artifact="/tmp/qs/smollm2-135m-int4")),
+    # the fastest decode measured (README speed table): group 128 where it divides (else 64), GPTQ'd int4 head
+    ("int4 g128 gptq, int4 head", dict(quant="int4", method="gptq", group_size=128, head="int4")),
+    # artifacts made with `edge-export export smollm2-135m -o DIR ...` and the flags in the label
+    ("int4 keep, ONNX artifact, --kv-cache int8", dict(artifact="/tmp/s3/art/keep-kv8")),
+    ("int4 g128 gptq, int4 head, ONNX artifact, --kv-cache int8", dict(artifact="/tmp/s3/art/gptq-g128-h4g-kv8")),
     ("int8", dict(quant="int8", method="rtn")),
     ("fp8 e4m3", dict(quant="fp8", method="rtn")),
 ]
