@@ -121,6 +121,9 @@ TARGET_HELP = """Targets and variants (`edge-export targets` says which run here
               help="int4 group; where it does not divide a tensor's input width the largest that does is used "
                    "(recorded in the manifest).")
 @click.option("--asymmetric", is_flag=True, help="int4 with zero points.")
+@click.option("--clip-search", is_flag=True,
+              help="int4: shrink each group's range where that lowers its squared error (data-free; SmolLM2 g32 "
+                   "rtn --asymmetric: kl_mean 0.222 against 0.272 without, 0.359 symmetric).")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
 @click.option("--max-context", default=2048, show_default=True, help="Positions the KV cache holds.")
 @click.option("--kv-cache", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
@@ -145,13 +148,14 @@ TARGET_HELP = """Targets and variants (`edge-export targets` says which run here
                    "MatMulNBitsQuantizer) for architectures outside the registry; --quant int4|fp32, verified "
                    "against the transformers model.")
 @click.option("--json", "as_json", is_flag=True)
-def export(checkpoint, out, target, variant, quant, method, head, group_size, asymmetric, act_order, max_context,
-           kv_cache, accuracy_level, device, fp8_activations, calibration, no_verify, max_kl, min_top1, overwrite, via,
-           as_json):
+def export(checkpoint, out, target, variant, quant, method, head, group_size, asymmetric, clip_search, act_order,
+           max_context, kv_cache, accuracy_level, device, fp8_activations, calibration, no_verify, max_kl, min_top1,
+           overwrite, via, as_json):
     """Quantize CHECKPOINT, lower it to a target, verify it, and publish an artifact at OUT."""
     from .export import ExportOptions, export as run_export
     options = ExportOptions(target=target, variant=variant, quant=quant, method=method, group_size=int(group_size),
-                            symmetric=not asymmetric, act_order=act_order, head=head, max_context=max_context,
+                            symmetric=not asymmetric, clip_search=clip_search, act_order=act_order, head=head,
+                            max_context=max_context,
                             kv_cache={"fp32": "float32", "fp16": "float16", "int8": "int8"}[kv_cache],
                             accuracy_level=int(accuracy_level), fp8_activations=fp8_activations, device=device,
                             calibration=calibration, verify=not no_verify, overwrite=overwrite, via=via,
@@ -293,19 +297,21 @@ def chat(artifact, backend, provider, threads, max_new_tokens, thinking_budget, 
 @click.option("--head", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True)
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True)
+@click.option("--clip-search", is_flag=True, help="int4: shrink each group's range where that lowers its error.")
 @click.option("--calibration", type=click.Path(dir_okay=False))
 @click.option("--prompts", type=click.Path(dir_okay=False), help="JSONL prompts replacing the built-in set.")
 @click.option("--no-ppl", is_flag=True, help="Skip perplexity on the held-out text.")
 @click.option("--questions", is_flag=True, help="Also count same answers on 40 short chat questions.")
 @click.option("--threads", type=int)
 @click.option("--json", "as_json", is_flag=True)
-def eval_(candidate, reference, quant, method, head, group_size, asymmetric, calibration, prompts, no_ppl, questions,
-          threads, as_json):
+def eval_(candidate, reference, quant, method, head, group_size, asymmetric, clip_search, calibration, prompts,
+          no_ppl, questions, threads, as_json):
     """How closely CANDIDATE (an artifact, or a checkpoint with --quant applied) answers like --reference."""
     from .evaluate import evaluate
     from .export import ExportOptions
     options = ExportOptions(quant=quant, method=method, head=head, group_size=int(group_size),
-                            symmetric=not asymmetric, calibration=calibration, threads=threads)
+                            symmetric=not asymmetric, clip_search=clip_search, calibration=calibration,
+                            threads=threads)
     figures = evaluate(candidate, reference, options, prompts=prompts, ppl=not no_ppl, questions=questions)
     if as_json:
         emit_json(figures)

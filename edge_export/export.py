@@ -40,6 +40,7 @@ class ExportOptions:
     group_size: int = 32
     symmetric: bool = True
     act_order: bool = False
+    clip_search: bool = False  # int4: shrink each group's range where that lowers its squared error
     head: str = "int8"  # lm_head (and a tied embedding): int8 per row | int4 (the main scheme) | float
     max_context: int = 2048
     kv_cache: str = "float32"  # float32 | float16 | int8 (onnx/ort: calibrated per-channel scales)
@@ -84,10 +85,13 @@ def resolve_method(options: ExportOptions, ckpt) -> ExportOptions:
 
 def quant_rules(options: ExportOptions) -> Rules:
     """The per-tensor rules for ``--quant``/``--method`` (default_rules of the chosen scheme)."""
+    if options.clip_search and options.quant != "int4":
+        raise ExportError(f"--clip-search applies to int4 groups; --quant {options.quant} has none")
     if options.quant in ("fp32", "fp16"):
         return Rules((("*", None),))
     if options.quant == "int4":
-        config = Int4Config(options.group_size, options.symmetric, options.method, act_order=options.act_order)
+        config = Int4Config(options.group_size, options.symmetric, options.method, act_order=options.act_order,
+                            clip_search=options.clip_search)
     elif options.method not in ("rtn", "keep"):
         raise ExportError(f"--method {options.method} applies to int4 only; --quant {options.quant} uses rtn")
     elif options.quant == "int8":

@@ -88,6 +88,9 @@ def _check_options(options):
                           "needs our own exporter (a registered architecture, without --via)")
     if options.kv_cache != "float32":
         raise ExportError("--via optimum keeps optimum's float32 KV cache; drop --kv-cache")
+    if options.clip_search:
+        raise ExportError("--via optimum quantizes with onnxruntime's MatMulNBitsQuantizer, which has no clip "
+                          "search; drop --clip-search")
     if options.quant == "int4" and options.head not in ("int8", "int4", "float"):
         raise ExportError(f"--head '{options.head}' must be int8, int4 or float")
     return replace(options, method="rtn" if options.quant == "int4" else "none")

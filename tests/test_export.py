@@ -128,3 +128,16 @@ def test_bad_calibration_files(tiny_llama, tmp_path):
     with pytest.raises(ExportError, match="broken.jsonl:2: not valid JSON"):
         export(tiny_llama, tmp_path / "a", ExportOptions(quant="int4", method="awq", calibration=str(broken)))
     assert not (tmp_path / "a").exists()
+
+
+def test_clip_search_reaches_the_manifest_and_needs_int4(tiny_llama, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_export.cli import main
+    _, manifest = exported(tiny_llama, tmp_path / "c", quant="int4", symmetric=False, clip_search=True, verify=False)
+    scheme = manifest["quantization"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["scheme"]
+    assert scheme["clip_search"] is True and scheme["symmetric"] is False
+    result = CliRunner().invoke(main, ["export", str(tiny_llama), "-o", str(tmp_path / "x"), "--quant", "int8",
+                                       "--clip-search"])
+    assert result.exit_code == 2 and "--clip-search applies to int4 groups; --quant int8 has none" in result.output
+    assert not (tmp_path / "x").exists()
