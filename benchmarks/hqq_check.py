@@ -25,8 +25,7 @@ import numpy as np
 
 from quantizers import schemes
 from quantizers.dispatch import register_handler
-from quantizers.int4 import _ROW_CHUNK, group_params, make_tensor, quantize_to_codes
-from quantizers.schemes import check_divides
+from quantizers.int4 import group_params, make_tensor, quantize_groups
 
 P_NORM = 0.7      # the lp loss HQQ minimises on the weights
 BETA = 10.0       # initial half-quadratic penalty, multiplied by KAPPA each iteration
@@ -74,18 +73,7 @@ def hqq_groups(wg: np.ndarray, symmetric: bool, iterations: int = ITERATIONS) ->
 
 def hqq(w: np.ndarray, group_size: int, symmetric: bool, name: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HQQ of W float32 [N, K] -> (codes uint8 [N, K], scales float32 [N, K/g], zeros uint8 [N, K/g])."""
-    n, k = w.shape
-    check_divides(k, group_size, name)
-    wg = w.reshape(n, k // group_size, group_size)
-    codes = np.empty(wg.shape, np.uint8)
-    scales = np.empty(wg.shape[:2], np.float32)
-    zeros = np.empty(wg.shape[:2], np.uint8)
-    step = max(1, _ROW_CHUNK // k)
-    for r in range(0, n, step):
-        chunk = wg[r:r + step]
-        scales[r:r + step], zeros[r:r + step] = hqq_groups(chunk, symmetric)
-        codes[r:r + step] = quantize_to_codes(chunk, scales[r:r + step], zeros[r:r + step])
-    return codes.reshape(n, k), scales, zeros
+    return quantize_groups(w, group_size, lambda wg: hqq_groups(wg, symmetric), name)
 
 
 def main() -> None:

@@ -79,6 +79,13 @@ def rtn(w: np.ndarray, group_size: int, symmetric: bool = True, clip_search: boo
         name: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round-to-nearest of W float32 [N, K] -> (codes uint8 [N, K], scales float32 [N, K/g],
     zeros uint8 [N, K/g])."""
+    return quantize_groups(w, group_size, lambda wg: search_params(wg, symmetric, clip_search), name)
+
+
+def quantize_groups(w: np.ndarray, group_size: int, params,
+                    name: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W float32 [N, K] onto the int4 grid with ``params(groups [rows, K/g, g]) -> (scale, zero)``
+    choosing each group's grid; rows go in chunks that bound the temporaries to a few MB."""
     n, k = w.shape
     check_divides(k, group_size, name)
     wg = w.reshape(n, k // group_size, group_size)
@@ -88,7 +95,7 @@ def rtn(w: np.ndarray, group_size: int, symmetric: bool = True, clip_search: boo
     step = max(1, _ROW_CHUNK // k)
     for r in range(0, n, step):
         chunk = wg[r:r + step]
-        scales[r:r + step], zeros[r:r + step] = search_params(chunk, symmetric, clip_search)
+        scales[r:r + step], zeros[r:r + step] = params(chunk)
         codes[r:r + step] = quantize_to_codes(chunk, scales[r:r + step], zeros[r:r + step])
     return codes.reshape(n, k), scales, zeros
 
