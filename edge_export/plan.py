@@ -22,9 +22,9 @@ PROMPT_TOKENS = 128
 # A higher precision is preferred when its trace is at most this much slower than the fastest.
 QUALITY_SLACK = 0.15
 QUALITY = {"fp16": 3, "fp8": 2, "int8": 2, "int4": 1}
-# KV-cache precisions a plan can ask for: bytes per element, and the targets (as profiles name them)
-# that carry it; every other target keeps its fp16 cache.
-KV_CACHES = {"fp16": (2, None), "int8": (1, {"onnx", "onnx/ort"})}
+# KV-cache precisions a plan can ask for, in bytes per element. Which targets carry one beyond fp16
+# is export's KV_CACHE_TARGETS; every other target keeps its fp16 cache.
+KV_CACHES = {"fp16": 2, "int8": 1}
 
 
 class PlanError(EdgeError):
@@ -67,15 +67,24 @@ def exportable() -> set[tuple[str, str]]:
 
 def kv_cache_for(target: str, kv_cache: str) -> str:
     """The KV-cache precision a target's export holds when ``kv_cache`` is asked for."""
-    carriers = KV_CACHES[kv_cache][1]
-    return kv_cache if carriers is None or target in carriers else "fp16"
+    from .export import KV_CACHE_TARGETS
+    from .targets import get_target
+    carriers = KV_CACHE_TARGETS.get(kv_cache)
+    if carriers is None:
+        return kv_cache
+    name, _, variant = target.partition("/")  # profiles name a default variant by its target alone
+    try:
+        _, variant = get_target(name, variant or None)
+    except EdgeError:
+        return "fp16"  # a target this version cannot export yet carries nothing
+    return kv_cache if (name, variant) in carriers else "fp16"
 
 
 def plan_option(spec: ModelSpec, roof: Roofline, quant: str, context: int, trace_tokens: int, budget: int,
                 kv_cache: str = "fp16") -> dict:
     """One (quant, target) row: bytes, fit, and the roofline's figures (tok/s, ms, s)."""
     kv_cache = kv_cache_for(roof.target, kv_cache)
-    work = export_workload(spec, quant, KV_CACHES[kv_cache][0])
+    work = export_workload(spec, quant, KV_CACHES[kv_cache])
     kv = work.kv_bytes(context)
     return {
         "quant": quant, "target": roof.target, "engine": roof.engine, "kv_cache": kv_cache,
