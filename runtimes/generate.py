@@ -167,6 +167,9 @@ class Generator:
         prompt_text = self.tokenizer.decode(prompt_ids[-4:])
         splitter = ThinkSplitter(thinking=prompt_text.rstrip().endswith(THINK_OPEN))
         forced: list[int] = []
+        reserve = getattr(self.backend, "reserve", None)  # optional: prefill / decode / max_context suffice
+        if reserve is not None:
+            reserve(len(prompt_ids) + sampling.max_new_tokens)
         t0 = time.perf_counter()
         logits = self.backend.prefill(prompt_ids)
         position = len(prompt_ids)

@@ -140,6 +140,30 @@ def test_long_prompts_prefill_in_chunks_with_the_same_logits(kv_pair):
         assert rt.backend.position == len(ids) + 1
 
 
+def test_kv_buffer_is_sized_to_the_generation(kv_pair):
+    """The shared buffer holds what a generation reserves (prompt + new tokens, rounded up), not
+    max_context; a generation that runs past it grows it, keeping the cache: same logits either way."""
+    from runtimes import Sampling
+    from runtimes.backends.onnxruntime import KV_ROUND
+    f32, i8, _ = kv_pair
+    ids = [int(t) for t in np.random.default_rng(4).integers(5, 200, 40)]
+    for folder in (f32, i8):
+        rt = runtimes.load(folder)
+        backend = rt.backend
+        backend.reserve(backend.max_context)
+        assert backend.capacity == backend.max_context
+        full = [backend.prefill(ids)] + [backend.decode(t) for t in range(9, 9 + KV_ROUND)]
+        backend.reserve(len(ids))  # too small for what follows: decode grows it
+        assert backend.capacity == KV_ROUND
+        sized = [backend.prefill(ids)] + [backend.decode(t) for t in range(9, 9 + KV_ROUND)]
+        assert backend.capacity >= len(ids) + KV_ROUND
+        assert all(np.array_equal(a, b) for a, b in zip(full, sized))
+        backend.reserve(backend.max_context)
+        result = rt.generator.generate(ids, Sampling(max_new_tokens=5, ignore_eos=True))
+        assert backend.max_context > 2 * KV_ROUND
+        assert backend.capacity == KV_ROUND and len(result.tokens) == 5  # the generator reserved 45
+
+
 def test_int8_cache_on_every_architecture(tiny_checkpoint, tmp_path):
     """Qwen2's k/v biases and Qwen3's k-norm come before the cache: the calibrated scales see them."""
     manifest = export(tiny_checkpoint, tmp_path / "i8", ExportOptions(quant="fp32", kv_cache="int8", **LOOSE))

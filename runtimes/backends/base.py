@@ -29,6 +29,11 @@ class Backend(ABC):
         """(can it run on this machine, why not)."""
         return True, ""
 
+    def reserve(self, positions: int) -> None:
+        """Before a prefill: the generation will need up to ``positions`` positions of cache (the
+        cache's contents may be dropped). A backend whose cache can be resized may size it to
+        this; running past it stays valid."""
+
     @abstractmethod
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Reset the cache, run the prompt; logits of its last position [vocab] float32."""
