@@ -25,6 +25,7 @@ from runtimes.tokenizer import ChatTokenizer
 
 from .artifact import publish, staging_folder, write_manifest
 from .checkpoint.hf import generation_defaults
+from .checkpoint.hf import read_tokenizer as hf_tokenizer
 from .errors import ExportError
 from .export import _check_thresholds, tokenizer_fields, write_tokenizer
 from .optimum_graph import DATA_FILE, MODEL_FILE, float_weights, gemm_to_matmul, graph_section, quantize, quantized_weights
@@ -163,15 +164,10 @@ def model_spec(folder: Path) -> ModelSpec:
 
 
 def read_tokenizer(folder: Path) -> ChatTokenizer:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
+    tok = hf_tokenizer(folder)
+    if tok is None:
         raise ExportError(f"{folder}: no tokenizer.json; an artifact needs a fast tokenizer to run (save one with "
                           "AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
-    config = folder / "tokenizer_config.json"
-    tok = ChatTokenizer.from_files(path, config if config.is_file() else None)
-    template = folder / "chat_template.jinja"
-    if tok.chat_template is None and template.is_file():
-        tok.chat_template = template.read_text(encoding="utf-8")
     return tok
 
 

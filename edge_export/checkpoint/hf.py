@@ -44,7 +44,7 @@ class HFCheckpoint(Checkpoint):
         self.where = {name: f for f in self.files for name in f.keys()}
         spec = dataclasses.replace(spec, generation=generation_defaults(folder),
                                    torch_dtype=self._main_dtype(spec))
-        super().__init__(folder, spec, _tokenizer(folder))
+        super().__init__(folder, spec, read_tokenizer(folder))
         self.check_shapes({n: f.info(n)[1] for n, f in self.where.items()}, str(folder))
 
     def _open_weights(self, folder: Path) -> list[SafetensorsFile]:
@@ -97,7 +97,8 @@ class HFCheckpoint(Checkpoint):
         return sum(f.path.stat().st_size for f in self.files)
 
 
-def _tokenizer(folder: Path) -> ChatTokenizer | None:
+def read_tokenizer(folder: Path) -> ChatTokenizer | None:
+    """The folder's tokenizer.json (with tokenizer_config.json and chat_template.jinja if present); None without one."""
     tokenizer_json = folder / "tokenizer.json"
     if not tokenizer_json.is_file():
         return None
