@@ -72,7 +72,8 @@ class PublishedPoint:
 
     @property
     def label(self) -> str:
-        return f"{self.model} on {self.device} ({self.engine}, {self.precision})"
+        return (f"{self.model} on {self.device} ({self.engine}, {self.precision}, {self.decode_tok_s:g} tok/s at "
+                f"{self.decode_context})")
 
 
 def ai_hub(model_id: str) -> str:
@@ -165,7 +166,7 @@ POINTS: tuple[PublishedPoint, ...] = (
                         "hold in it), prompt 2048 + 256 generated; Q4_K_M falls back to wider blocks at hidden "
                         "576: 6.0 bits/weight from the published 101 MB. The only published sub-1B figure on a Jetson GPU "
                         "found: the MLC points (3B-8B) leave the fixed cost per layer undetermined (a fit on them "
-                        "alone gives 79 us and over-predicts this point by 49%), so it calibrates, and no sub-1B GPU "
+                        "alone gives 81 us and over-predicts this point by 47%), so it calibrates, and no sub-1B GPU "
                         "point is left to hold out"),
     PublishedPoint("smollm2-135m", "jetson-orin-nano-super", JETSON_GPU, "int4", 4.5, 4.5, 64.5, 256, MLC_SUPER,
                    False, excluded="the table names only 'SmolLM2', not which size; not used"),

@@ -328,6 +328,10 @@ def test_report_html_has_table_plots_and_estimate_marks(tmp_path):
     assert "<td>jetson-orin-nano-8gb</td>" in html and "<td>snapdragon-8-elite</td>" in html and "<td>host</td>" in html
     assert html.count('<tr class="estimate">') == 2 and html.count('<tr class="measured">') == 1
     assert "estimate (hatched, lighter)" in html and "(estimate)</title>" in html and "budget (100%)" in html
+    # each estimate's calibration range: an error bar on its decode and TTFT bars, and in its table cells
+    assert html.count('<g class="range">') == 4 and "estimate range" in html
+    low, high = json.loads((tmp_path / "est.json").read_text())[0]["decode_tok_s_range"]
+    assert f"({low:,.1f}-{high:,.1f})" in html
 
 
 def test_report_markdown_notes_the_estimates(tmp_path):
@@ -422,3 +426,16 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message, monkeypatch):
     assert out.exit_code == 2, out.output
     lines = out.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_calibration_results_file_says_what_the_code_computes():
+    """benchmarks/results/estimate_calibration.json (the figures devices/CALIBRATION.md and the README
+    cite) is regenerated whenever the points or the fit change."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "estimate_calibration.py"
+    spec = importlib.util.spec_from_file_location("estimate_calibration", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = json.loads(module.RESULTS.with_suffix(".json").read_text())
+    assert written == json.loads(json.dumps(module.summary())), "run python3 benchmarks/estimate_calibration.py"
