@@ -168,6 +168,12 @@ POINTS: tuple[PublishedPoint, ...] = (
                         "found: the MLC points (3B-8B) leave the fixed cost per layer undetermined (a fit on them "
                         "alone gives 81 us and over-predicts this point by 47%), so it calibrates, and no sub-1B GPU "
                         "point is left to hold out"),
+    PublishedPoint("llama-3.2-1b", "jetson-orin-nano-super", JETSON_GPU, "int8", 8.5, 8.5, 62, 800,
+                   "https://www.jeremymorgan.com/blog/tech/nvidia-jetson-orin-nano-speed-test/ (as tabulated in "
+                   "msmcs-robotics/WayfindR-driver docs/jetson_orin_nano_llm_benchmarks.md)", False,
+                   note="Ollama (llama.cpp CUDA), 25W mode, '~62' tok/s over ~1600 generated tokens (mean context "
+                        "~800 assumed); Ollama's default llama3.2:1b tag is Q8_0 (8.5 bits/weight, assumed from its "
+                        "1.3 GB size); a community figure, approximate as published"),
     PublishedPoint("smollm2-135m", "jetson-orin-nano-super", JETSON_GPU, "int4", 4.5, 4.5, 64.5, 256, MLC_SUPER,
                    False, excluded="the table names only 'SmolLM2', not which size; not used"),
     # ---- Apple GPU: Core ML (Apple), llama.cpp Metal ----

@@ -400,9 +400,11 @@ def _expand_device_files(specs) -> list[str]:
 
 def _result_line(result: dict) -> str:
     if result.get("estimated"):
-        return (f"{result['device']} (estimate, not measured): TTFT {result['ttft_ms']:.1f} ms, decode "
-                f"{result['decode_tok_s']:.1f} tok/s, memory {result['peak_rss_mb']:.0f} MB of a "
-                f"{result['budget_mb']:.0f} MB budget ({result['method']['engine']} roofline)")
+        decode, ttft = result.get("decode_tok_s_range") or ["?", "?"], result.get("ttft_ms_range") or ["?", "?"]
+        return (f"{result['device']} (estimate, not measured): TTFT {result['ttft_ms']:.1f} ms "
+                f"(range {ttft[0]}-{ttft[1]}), decode {result['decode_tok_s']:.1f} tok/s (range {decode[0]}-{decode[1]}), "
+                f"memory {result['peak_rss_mb']:.0f} MB of a {result['budget_mb']:.0f} MB budget (engine "
+                f"{result['method']['engine']}; calibrated on published points, devices/CALIBRATION.md)")
     return _measured_line(result)
 
 

@@ -99,11 +99,12 @@ def test_calibration_covers_every_engine_class_and_keeps_points_out():
 
 
 def test_held_out_points_cover_a_phone_1b_model_a_gpu_and_a_ttft():
-    """The held-out set tests what the issue asks: a ~1B model on a phone, a GPU, and a TTFT (and
-    no held-out point is one the fit saw)."""
+    """The held-out set tests a ~1B model on a phone, a ~1B model on a GPU, and a TTFT (and no
+    held-out point is one the fit saw). No sub-1B GPU point is held out: the only one published
+    (SmolLM2-135M on an Orin Nano Super) is what fits the Jetson's fixed cost (devices/CALIBRATION.md)."""
     held = held_out_points()
     assert any(p.device.startswith("snapdragon") and MODELS[p.model].parameter_count < 1.6e9 for p in held)
-    assert any(p.engine == JETSON_GPU for p in held)
+    assert any(p.engine == JETSON_GPU and MODELS[p.model].parameter_count < 1.3e9 for p in held)
     assert any(point_ttft_s(p) is not None for p in held)
 
 
