@@ -73,10 +73,10 @@ class Roofline:
         if fit.per_byte:
             return fit.per_byte * bandwidth * 1e9, (
                 f"{compute} compute = {fit.per_byte:.1f} FLOP per byte of bandwidth x {bandwidth:g} GB/s ({fit.how})")
-        peak = self.profile.peak_flops(compute) or self.profile.peak_flops("fp16")
+        peak = self.profile.peak_flops(compute)  # the graph's own precision: an fp32 graph is not priced at fp16's
         if not peak:
             raise EstimateError(f"no way to estimate prefill on {self.profile.name} ({self.engine}, {compute}): "
-                                "no calibrated rate and no published peak")
+                                f"no calibrated rate and no published {compute} peak")
         return peak * fit.peak_share, (f"published peak {peak / 1e12:g} T/s x {fit.peak_share:.2f} ({fit.how})")
 
     def ttft_s(self, work: Workload, prompt_tokens: int, max_context: int | None = None) -> float:
@@ -140,8 +140,7 @@ def point_estimate_ttft_s(point: PublishedPoint) -> float:
     profile = get_profile(point.device)
     bandwidth = point_bandwidth(point)
     pre = prefill_fit(point.engine, point.compute)
-    rate = pre.per_byte * bandwidth if pre.per_byte else \
-        pre.peak_share * (profile.peak_flops(point.compute) or profile.peak_flops("fp16"))
+    rate = pre.per_byte * bandwidth if pre.per_byte else pre.peak_share * profile.peak_flops(point.compute)
     weight_pass = step_s(work, point.prompt_tokens, 0.0, fit.efficiency, bandwidth)
     return ttft_s(work, point.prompt_tokens, rate, fit.layer_s, weight_pass)
 

@@ -440,3 +440,18 @@ def test_calibration_results_file_says_what_the_code_computes():
     spec.loader.exec_module(module)
     written = json.loads(module.RESULTS.with_suffix(".json").read_text())
     assert written == json.loads(json.dumps(module.summary())), "run python3 benchmarks/estimate_calibration.py"
+
+
+def test_every_export_target_declares_its_capabilities():
+    """Plan and the estimator read runtimes.capabilities: a target export can produce without a
+    declaration there could never be planned or estimated."""
+    from edge_export.export import KV_CACHE_TARGETS
+    from edge_export.targets import all_targets
+    from runtimes.capabilities import TARGETS
+    for target in all_targets():
+        names = [f"{target.name}/{v}" for v in target.variants] if len(target.variants) > 1 else [target.name]
+        for name in names:
+            capabilities = get_capabilities(name)
+            assert capabilities.kv_caches and capabilities.compute_precision("int4")
+    assert KV_CACHE_TARGETS == {"int8": {("onnx", "ort")}}  # export reads its KV carriers from the same place
+    assert all(engine.why for t in TARGETS.values() for engine in t.engines.values())
