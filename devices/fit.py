@@ -14,8 +14,9 @@ Prefill runs at a compute rate fitted per (engine class, compute precision) as F
 the device's bandwidth; where a class has no published prefill figure, the rate is the share of
 a published peak that the points on devices with published peaks reach, pooled across classes.
 
-Ranges: each class carries the log residuals of its own calibration points; with fewer than three
-the residuals of every class are pooled, and the method says which.
+Ranges: each class carries the leave-one-out log residuals of its calibration points (each point
+against a fit of the class's others); with fewer than three the residuals of every class are
+pooled, and the method says which.
 """
 from __future__ import annotations
 
@@ -294,7 +295,7 @@ class Spread:
     def words(self, figure: str, engine: str) -> str:
         where = (f"pooled over all classes' {self.points} points ({engine} has fewer than {MIN_POINTS})"
                  if self.pooled else f"{self.points} {engine} points")
-        return f"{figure} range: x/÷ {self.factor:.2f}, the largest calibration residual of {where}"
+        return f"{figure} range: x/÷ {self.factor:.2f}, the largest leave-one-out calibration residual of {where}"
 
 
 @functools.cache

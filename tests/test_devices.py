@@ -256,6 +256,11 @@ def test_plan_from_config_json_alone(tmp_path):
         planned = plan(str(source), "snapdragon-8-elite", context=4096)
         assert planned["parameters"] == from_preset["parameters"]
         assert [o["weight_bytes"] for o in planned["options"]] == [o["weight_bytes"] for o in from_preset["options"]]
+    cli = run("plan", str(folder), "--device", "jetson-orin-nano-super", "--context", "4096", "--json")
+    assert cli.exit_code == 0 and json.loads(cli.output)["trace_tokens"] == 4096 - 128
+    (folder / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "hidden_size": 64}))
+    refused = run("plan", str(folder), "--device", "jetson-orin-nano-super")
+    assert refused.exit_code == 2 and "MambaForCausalLM" in refused.output and "Traceback" not in refused.output
     (tmp_path / "empty").mkdir()
     with pytest.raises(PlanError, match="no config.json and no weights"):
         plan(str(tmp_path / "empty"), "snapdragon-8-elite")
