@@ -294,8 +294,8 @@ class Spread:
 
     def words(self, figure: str, engine: str) -> str:
         where = (f"pooled over all classes' {self.points} points ({engine} has fewer than {MIN_POINTS})"
-                 if self.pooled else f"{self.points} {engine} points")
-        return f"{figure} range: x/÷ {self.factor:.2f}, the largest leave-one-out calibration residual of {where}"
+                 if self.pooled else f"over {self.points} {engine} points")
+        return f"{figure} range: x/÷ {self.factor:.2f}, the largest leave-one-out calibration residual {where}"
 
 
 @functools.cache

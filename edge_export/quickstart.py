@@ -72,9 +72,10 @@ def run_quickstart(out: str | Path, echo: Callable[[str], None] = print) -> dict
 def estimate_line(what: str, estimate: dict) -> str:
     """One quickstart line: figures, their calibration ranges, the engine and where it is calibrated."""
     decode, ttft = estimate["decode_tok_s_range"], estimate["ttft_ms_range"]
-    return (f"{what} (not measured; engine {estimate['engine']}): decode {estimate['decode_tok_s']:.0f} tok/s "
-            f"(range {decode[0]:.0f}-{decode[1]:.0f}), TTFT {estimate['ttft_ms']:.0f} ms "
-            f"(range {ttft[0]:.0f}-{ttft[1]:.0f}); calibrated on published points, devices/CALIBRATION.md")
+    return (f"{what} (not measured): decode {estimate['decode_tok_s']:.0f} tok/s (range {decode[0]:.0f}-"
+            f"{decode[1]:.0f}), TTFT {estimate['ttft_ms']:.0f} ms (range {ttft[0]:.0f}-{ttft[1]:.0f}); engine "
+            f"{estimate['engine']}: {estimate['method']['engine_why']}; calibrated on published measurements "
+            "(devices/CALIBRATION.md)")
 
 
 def gpu_estimate(manifest: dict) -> dict:

@@ -460,3 +460,19 @@ def test_every_export_target_declares_its_capabilities():
             assert capabilities.kv_caches and capabilities.compute_precision("int4")
     assert KV_CACHE_TARGETS == {"int8": {("onnx", "ort")}}  # export reads its KV carriers from the same place
     assert all(engine.why for t in TARGETS.values() for engine in t.engines.values())
+
+
+def test_quickstart_estimate_lines_carry_range_engine_and_source(tmp_path):
+    """The quickstart's estimate lines: the artifact as it runs on each device (an onnx/ort graph on
+    the Jetson's CPU), and the same model as TensorRT int4 on the Jetson's GPU, each with its range."""
+    from edge_export.quickstart import estimate_line, gpu_estimate
+    manifest = json.loads((fake_artifact(tmp_path / "a", preset="r1-distill-qwen-1.5b") / MANIFEST).read_text())
+    gpu = gpu_estimate(manifest)
+    assert gpu["engine"] == JETSON_GPU and gpu["target"] == "tensorrt" and gpu["estimated"] is True
+    artifact = devices.bench(str(tmp_path / "a"), "estimate:jetson-orin-nano-super")
+    for estimate in (gpu, artifact):
+        line = estimate_line("estimated", estimate)
+        low, high = estimate["decode_tok_s_range"]
+        assert f"(range {low:.0f}-{high:.0f})" in line and f"engine {estimate['engine']}" in line
+        assert "devices/CALIBRATION.md" in line
+    assert "GroupQueryAttention" in estimate_line("estimated", artifact)
