@@ -47,7 +47,7 @@ def summary() -> dict:
 
 
 def markdown(data: dict) -> str:
-    lines = ["| engine class | efficiency | fixed per layer | decode points | decode range | TTFT range |",
+    lines = ["| engine class | efficiency | fixed per layer | decode points | decode widening | TTFT widening |",
              "|---|---|---|---|---|---|"]
     for engine, c in data["classes"].items():
         pooled = lambda flag: " (pooled)" if flag else ""  # noqa: E731

@@ -69,6 +69,7 @@ class PublishedPoint:
     note: str = ""
     excluded: str = ""
     calibrates: tuple[str, ...] = ("decode", "prefill")  # what a calibration point fits
+    bandwidth_gb_s: float | None = None  # a machine without a profile: its read bandwidth, measured with the point
 
     @property
     def label(self) -> str:
@@ -151,6 +152,13 @@ POINTS: tuple[PublishedPoint, ...] = (
                         "its 2 s TTFT is not used. Held out before this calibration; a different engine (TFLite) "
                         "at 74% of the ExecuTorch points' efficiency, it is calibrated on so that the CPU range "
                         "carries that spread"),
+    PublishedPoint("smollm2-135m", "host", CPU, "int4", 112.2 * 2**20 * 8 / 134.5e6, 112.2 * 2**20 * 8 / 134.5e6,
+                   237.8, 192, "benchmarks/results/decode_cpu_smollm2.json (measured here)", True,
+                   prefill_tok_s=1432.3, prompt_tokens=128, compute="int8", bandwidth_gb_s=49.7,
+                   note="this repository's own measurement: the quickstart's int4 artifact through onnxruntime on "
+                        "2 threads of the x86 build host (read bandwidth measured with it, 49.7 GB/s); bits per "
+                        "weight from its 112.2 MiB. The only sub-1B CPU point: without it the CPU's fixed cost "
+                        "per layer comes from 1B-8B phone points alone"),
     PublishedPoint("llama-3.2-1b", "snapdragon-8-gen3", CPU, "int4", 5.4, 8, 45.8, 128, EXECUTORCH, False,
                    prefill_tok_s=252.0, prompt_tokens=64, compute="int8",
                    note=f"QAT+LoRA (LoRA adapters kept bf16: body bits from the 1,127 MiB .pte); {EXECUTORCH_NOTE}"),

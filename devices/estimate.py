@@ -15,8 +15,9 @@ from runtimes.capabilities import KV_BYTES, RUNS_AS, get_capabilities
 from runtimes.models import ModelSpec
 
 from .calibration import PublishedPoint
-from .fit import (EstimateError, Workload, class_fit, output_params, point_bandwidth, point_ttft_s,  # noqa: F401
-                  point_workload, prefill_fit, prefill_flops, spread, step_s, ttft_s, workload_from_bits)
+from .fit import (EstimateError, Workload, class_fit, decode_fits, output_params, point_estimate_ttft_s,  # noqa: F401
+                  point_ttft_s, prefill_fit, prefill_fits, prefill_flops, prefill_rate_s, spread, step_s, ttft_s,
+                  workload_from_bits)
 from .profiles import DeviceProfile, get_profile
 from .protocol import RESULT_FORMAT
 from .registry import Device, register_device
@@ -108,10 +109,20 @@ class Roofline:
             low, high = (mid, high) if self.trace_s(work, prompt_tokens, mid, max_context) <= seconds else (low, mid - 1)
         return low
 
-    def ranges(self, decode_tok_s: float, ttft_ms: float) -> dict:
-        """The calibration-residual bands around a decode rate and a TTFT."""
-        return {"decode_tok_s": spread(self.engine, "decode").around(decode_tok_s, 2),
-                "ttft_ms": spread(self.engine, "ttft").around(ttft_ms)}
+    def ranges(self, work: Workload, context: int, prompt_tokens: int, max_context: int | None = None) -> dict:
+        """[low, high] of the decode rate at ``context`` and of the TTFT (ms): the estimates under each
+        leave-one-out fit of the class, widened by its largest calibration residual (devices.fit)."""
+        bandwidth, kv = self.profile.bandwidth_bytes_s, self.kv_tokens(context, max_context)
+        peak = self.profile.peak_flops(work.compute)
+        layer_s, efficiency = decode_fits(self.engine)[0]
+        decode = [1 / step_s(work, kv, a, 1.0 if self.profile.measured else e, bandwidth)
+                  for a, e in decode_fits(self.engine)]
+        weight_pass = self.seconds_per_token(work, prompt_tokens, max_context) - work.spec.num_layers * layer_s
+        rates = [r for f in prefill_fits(self.engine, work.compute) if (r := prefill_rate_s(f, bandwidth, peak))]
+        ttft = [1000 * ttft_s(work, prompt_tokens, rate, a, weight_pass)
+                for rate in rates for a, _ in decode_fits(self.engine)]
+        return {"decode_tok_s": spread(self.engine, "decode").band(decode, 2),
+                "ttft_ms": spread(self.engine, "ttft").band(ttft)}
 
     def method(self, work: Workload) -> dict:
         """How each figure was obtained, in words, with the numbers used."""
@@ -134,17 +145,6 @@ class Roofline:
 
 
 # ---- published points through the same estimator ---------------------------------------------------
-def point_estimate_ttft_s(point: PublishedPoint) -> float:
-    """The estimator's TTFT for a point's prompt on its device and engine class."""
-    fit, work = class_fit(point.engine), point_workload(point)
-    profile = get_profile(point.device)
-    bandwidth = point_bandwidth(point)
-    pre = prefill_fit(point.engine, point.compute)
-    rate = pre.per_byte * bandwidth if pre.per_byte else pre.peak_share * profile.peak_flops(point.compute)
-    weight_pass = step_s(work, point.prompt_tokens, 0.0, fit.efficiency, bandwidth)
-    return ttft_s(work, point.prompt_tokens, rate, fit.layer_s, weight_pass)
-
-
 def point_errors(point: PublishedPoint) -> dict[str, float]:
     """Relative error (estimate / published - 1) of each published figure of a point."""
     from .fit import decode_estimate_s
@@ -208,7 +208,7 @@ def estimate_result(work: Workload, profile: str, target: str, prompt_tokens: in
     ttft = roof.ttft_s(work, prompt_tokens, max_context)
     decode = roof.decode_tok_s(work, prompt_tokens + new_tokens // 2, max_context)
     kv_tokens = max_context or prompt_tokens + new_tokens
-    ranges = roof.ranges(decode, ttft * 1000)
+    ranges = roof.ranges(work, prompt_tokens + new_tokens // 2, prompt_tokens, max_context)
     result = {
         "format": RESULT_FORMAT, "measured": False, "estimated": True, "device": f"estimate:{roof.profile.name}",
         "device_title": roof.profile.title, "target": target, "engine": roof.engine, "quant": work.precision,

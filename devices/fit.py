@@ -112,6 +112,9 @@ def point_workload(point: PublishedPoint) -> Workload:
 
 
 def point_bandwidth(point: PublishedPoint) -> float:
+    """Bytes/s: the point's own measured bandwidth where it has one, else its profile's."""
+    if point.bandwidth_gb_s:
+        return point.bandwidth_gb_s * 1e9
     return get_profile(point.device).bandwidth_bytes_s
 
 
@@ -121,9 +124,11 @@ def _solve(points: list[PublishedPoint], layer_s: float | None) -> tuple[float, 
     for p in points:
         work = point_workload(p)
         t = 1 / p.decode_tok_s
-        rows.append([work.spec.num_layers / t, (work.streamed_bytes + work.kv_bytes(p.decode_context))
-                     / point_bandwidth(p) / t])
-        target.append(1.0)
+        read = (work.streamed_bytes + work.kv_bytes(p.decode_context)) / point_bandwidth(p) / t
+        # a measured bandwidth is already an achieved rate (efficiency 1, as for the host profile):
+        # what the bytes do not explain there is fixed cost
+        rows.append([work.spec.num_layers / t, 0.0 if p.bandwidth_gb_s else read])
+        target.append(1.0 - (read if p.bandwidth_gb_s else 0.0))
     a, b = np.array(rows), np.array(target)
     if layer_s is None:
         (layer_s, inverse), *_ = np.linalg.lstsq(a, b, rcond=None)
@@ -186,9 +191,15 @@ def class_fit(engine: str) -> ClassFit:
                     "it from the efficiency")
 
 
+def point_efficiency(point: PublishedPoint, efficiency: float) -> float:
+    """The class's efficiency, or 1 for a point whose bandwidth was measured (an achieved rate)."""
+    return 1.0 if point.bandwidth_gb_s else efficiency
+
+
 def decode_estimate_s(point: PublishedPoint) -> float:
     fit = class_fit(point.engine)
-    return step_s(point_workload(point), point.decode_context, fit.layer_s, fit.efficiency, point_bandwidth(point))
+    return step_s(point_workload(point), point.decode_context, fit.layer_s, point_efficiency(point, fit.efficiency),
+                  point_bandwidth(point))
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -227,23 +238,40 @@ class PrefillFit:
 
 
 @functools.cache
-def prefill_fit(engine: str, compute: str) -> PrefillFit:
+def prefill_fit(engine: str, compute: str, without: PublishedPoint | None = None) -> PrefillFit:
     """Per (class, compute): FLOP per byte of bandwidth over the class's prefill points of that
-    compute; else over the class's points of any compute; else a share of published peaks."""
-    own = calibration_points(engine, "prefill")
+    compute; else over the class's points of any compute; else a share of published peaks.
+    ``without``: a point left out (for the ranges)."""
+    own = [p for p in calibration_points(engine, "prefill") if p is not without]
     for points, what in (([p for p in own if p.compute == compute], f"{engine} {compute}"),
                          (own, f"{engine} (other compute precisions)")):
         ratios = [r / point_bandwidth(p) for p in points if (r := point_prefill_rate(p))]
         if ratios:
             return PrefillFit(_geomean(ratios), None, len(ratios), f"fitted on {len(ratios)} published {what} "
                                                                    "prefill point(s)")
-    shares = [r / peak for p in calibration_points(figure="prefill") if (r := point_prefill_rate(p))
-              and (peak := get_profile(p.device).peak_flops(p.compute))]
+    shares = [r / peak for p in calibration_points(figure="prefill") if p is not without
+              and (r := point_prefill_rate(p)) and (peak := get_profile(p.device).peak_flops(p.compute))]
     if not shares:
         raise EstimateError(f"no published prefill point calibrates {engine} and none gives a share of a peak")
     return PrefillFit(None, _geomean(shares), len(shares),
                       f"no published {engine} prefill found: share of the published peak reached by the "
                       f"{len(shares)} point(s) on devices that publish one, pooled across classes")
+
+
+def prefill_rate_s(fit: PrefillFit, bandwidth: float, peak: float | None) -> float | None:
+    """FLOP/s from a prefill fit on a device of ``bandwidth`` bytes/s and a published ``peak``."""
+    if fit.per_byte:
+        return fit.per_byte * bandwidth
+    return fit.peak_share * peak if peak else None
+
+
+def point_estimate_ttft_s(point: PublishedPoint) -> float:
+    """The estimator's TTFT for a point's prompt on its device and engine class."""
+    fit, work, bandwidth = class_fit(point.engine), point_workload(point), point_bandwidth(point)
+    rate = prefill_rate_s(prefill_fit(point.engine, point.compute), bandwidth,
+                          get_profile(point.device).peak_flops(point.compute))
+    weight_pass = step_s(work, point.prompt_tokens, 0.0, point_efficiency(point, fit.efficiency), bandwidth)
+    return ttft_s(work, point.prompt_tokens, rate, fit.layer_s, weight_pass)
 
 
 # ---- residuals and ranges -------------------------------------------------------------------------
@@ -253,54 +281,58 @@ def _fit_without(points: list[PublishedPoint], left_out: PublishedPoint) -> tupl
     return _solve(rest, None if _separable(rest) else borrowed_layer_s()[0])
 
 
+@functools.cache
+def decode_fits(engine: str) -> tuple[tuple[float, float], ...]:
+    """(layer_s, efficiency) of the class's fit and of each of its leave-one-out fits."""
+    fit, points = class_fit(engine), calibration_points(engine, "decode")
+    return ((fit.layer_s, fit.efficiency), *(_fit_without(points, p) for p in points if len(points) > 1))
+
+
+@functools.cache
+def prefill_fits(engine: str, compute: str) -> tuple[PrefillFit, ...]:
+    """The (class, compute) prefill fit and each fit with one calibration point left out."""
+    fits = [prefill_fit(engine, compute)]
+    for p in calibration_points(figure="prefill"):
+        try:
+            fits.append(prefill_fit(engine, compute, p))
+        except EstimateError:  # the point was the only one the fit had: nothing to leave it out of
+            continue
+    return tuple(dict.fromkeys(fits))
+
+
 def decode_residuals(engine: str | None = None) -> list[float]:
-    """Leave-one-out log(published / estimate) of the decode rate over the calibration points
-    (of one class): each point against the fit of its class's other points."""
-    residuals = []
-    for cls in ([engine] if engine else ENGINE_CLASSES):
-        points = calibration_points(cls, "decode")
-        for p in points if len(points) > 1 else ():
-            layer_s, efficiency = _fit_without(points, p)
-            t = step_s(point_workload(p), p.decode_context, layer_s, efficiency, point_bandwidth(p))
-            residuals.append(math.log(p.decode_tok_s * t))
-    return residuals
+    """log(published / estimate) of the decode rate over the calibration points (of one class)."""
+    return [math.log(p.decode_tok_s * decode_estimate_s(p)) for p in calibration_points(engine, "decode")]
 
 
 def prefill_residuals(engine: str | None = None) -> list[float]:
-    """Leave-one-out log(estimated / published TTFT) over the calibration points with a published
-    prefill: each point's rate against the geometric mean of its class's other points."""
-    residuals = []
-    for p in calibration_points(engine, "prefill"):
-        if point_ttft_s(p) is None:
-            continue
-        others = [q for q in calibration_points(p.engine, "prefill") if q is not p and point_ttft_s(q)]
-        same = [q for q in others if q.compute == p.compute] or others
-        if same:
-            rate = _geomean([point_prefill_rate(q) / point_bandwidth(q) for q in same]) * point_bandwidth(p)
-            residuals.append(math.log(point_prefill_rate(p) / rate))
-    return residuals
+    """log(estimated / published TTFT) over the calibration points with a published prefill."""
+    return [math.log(point_estimate_ttft_s(p) / t) for p in calibration_points(engine, "prefill")
+            if (t := point_ttft_s(p)) is not None]
 
 
 @dataclass(frozen=True)
 class Spread:
-    """A symmetric band in log space: ``factor`` = exp(largest |residual|)."""
+    """A symmetric widening in log space: ``factor`` = exp(largest |calibration residual|)."""
 
     factor: float
     points: int
     pooled: bool
 
-    def around(self, value: float, digits: int = 1) -> list[float]:
-        return [round(value / self.factor, digits), round(value * self.factor, digits)]
+    def band(self, values: list[float], digits: int = 1) -> list[float]:
+        """[low, high]: the span of ``values`` (the estimate under each leave-one-out fit), widened."""
+        return [round(min(values) / self.factor, digits), round(max(values) * self.factor, digits)]
 
     def words(self, figure: str, engine: str) -> str:
         where = (f"pooled over all classes' {self.points} points ({engine} has fewer than {MIN_POINTS})"
                  if self.pooled else f"over {self.points} {engine} points")
-        return f"{figure} range: x/÷ {self.factor:.2f}, the largest leave-one-out calibration residual {where}"
+        return (f"{figure} range: the estimates of the class's leave-one-out fits for this model, widened by "
+                f"x/÷ {self.factor:.2f}, the largest calibration residual {where}")
 
 
 @functools.cache
 def spread(engine: str, figure: str) -> Spread:
-    """The band for ``figure`` (decode | ttft) of ``engine``: its own residuals, or pooled ones."""
+    """The widening for ``figure`` (decode | ttft) of ``engine``: its own residuals, or pooled ones."""
     residuals = {"decode": decode_residuals, "ttft": prefill_residuals}[figure]
     own = residuals(engine)
     pooled = len(own) < MIN_POINTS

@@ -103,7 +103,7 @@ def plan_option(spec: ModelSpec, roof: Roofline, quant: str, context: int, trace
     kv = work.kv_bytes(context)
     decode = roof.decode_tok_s(work, PROMPT_TOKENS, context)
     ttft_ms = roof.ttft_s(work, PROMPT_TOKENS, context) * 1000
-    ranges = roof.ranges(decode, ttft_ms)
+    ranges = roof.ranges(work, PROMPT_TOKENS, PROMPT_TOKENS, context)
     option = {
         "quant": quant, "target": roof.target, "engine": roof.engine,
         "engine_why": roof.profile.engine_why(roof.target),
