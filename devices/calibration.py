@@ -96,8 +96,8 @@ GEMMA_EXCLUDED = ("MLC's Gemma-2 decodes 30-55% below what the other four models
                   "cannot be sized")
 YZMA_EXCLUDED = ("not a decode rate: its 'tokens a second' count the ~7 prompt tokens with the ~18 forward "
                  "passes of each 24-position run, and time the Go binding's per-token sampling and detokenising; "
-                 "read as forward passes it is ~1.6x slower than the estimate (the smolhub point, through "
-                 "llama-server, is not)")
+                 "read as forward passes it is 1.4x (GPU) and 5.4x (CPU) slower than the estimate (the smolhub "
+                 "GPU point, through llama-server, is not)")
 NORMIEBENCH = "https://github.com/brand-o/normiebench/issues/"
 Q4_K_M_NOTE = ("llama.cpp Metal, Q4_K_M (4.9 bits/weight on average by file size; output Q6_K), tg128 / pp512; "
                "a community result. Calibrates prefill only: edge-export's artifacts reach Apple's GPU through "
