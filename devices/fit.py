@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtimes.capabilities import ENGINE_CLASSES
+from runtimes.capabilities import CPU, ENGINE_CLASSES, JETSON_CPU
 from runtimes.errors import EdgeError
 from runtimes.models import ModelSpec
 
@@ -35,6 +35,9 @@ from .calibration import MODELS, PublishedPoint, calibration_points
 from .profiles import get_profile
 
 MIN_POINTS = 3  # fewer than this in a class: its fixed cost is borrowed and its residuals pooled
+# A class with no published prefill figure whose compute is another class's: the Jetson's Arm cores
+# run the same CPU kernels as a phone's.
+PREFILL_FROM = {JETSON_CPU: CPU}
 
 
 class EstimateError(EdgeError):
@@ -243,8 +246,12 @@ def prefill_fit(engine: str, compute: str, without: PublishedPoint | None = None
     compute; else over the class's points of any compute; else a share of published peaks.
     ``without``: a point left out (for the ranges)."""
     own = [p for p in calibration_points(engine, "prefill") if p is not without]
+    lender = PREFILL_FROM.get(engine)
+    lent = [p for p in calibration_points(lender, "prefill") if p is not without] if lender and not own else []
     for points, what in (([p for p in own if p.compute == compute], f"{engine} {compute}"),
-                         (own, f"{engine} (other compute precisions)")):
+                         (own, f"{engine} (other compute precisions)"),
+                         ([p for p in lent if p.compute == compute], f"{lender} {compute} (no published {engine} "
+                                                                     "prefill; same kernels)")):
         ratios = [r / point_bandwidth(p) for p in points if (r := point_prefill_rate(p))]
         if ratios:
             return PrefillFit(_geomean(ratios), None, len(ratios), f"fitted on {len(ratios)} published {what} "
@@ -324,17 +331,33 @@ class Spread:
         return [round(min(values) / self.factor, digits), round(max(values) * self.factor, digits)]
 
     def words(self, figure: str, engine: str) -> str:
-        where = (f"pooled over all classes' {self.points} points ({engine} has fewer than {MIN_POINTS})"
-                 if self.pooled else f"over {self.points} {engine} points")
+        where = (f"pooled over all classes' {self.points} points ({engine} has fewer than {MIN_POINTS}; for decode, "
+                 "leave-one-out residuals)" if self.pooled else f"over {self.points} {engine} points")
         return (f"{figure} range: the estimates of the class's leave-one-out fits for this model, widened by "
                 f"x/÷ {self.factor:.2f}, the largest calibration residual {where}")
 
 
+def loo_decode_residuals() -> list[float]:
+    """log(published / estimate) of each decode calibration point against a fit of its class's
+    other points (classes with at least two points)."""
+    residuals = []
+    for engine in ENGINE_CLASSES:
+        points = calibration_points(engine, "decode")
+        for p in points if len(points) > 1 else ():
+            layer_s, efficiency = _fit_without(points, p)
+            t = step_s(point_workload(p), p.decode_context, layer_s, point_efficiency(p, efficiency),
+                       point_bandwidth(p))
+            residuals.append(math.log(p.decode_tok_s * t))
+    return residuals
+
+
 @functools.cache
 def spread(engine: str, figure: str) -> Spread:
-    """The widening for ``figure`` (decode | ttft) of ``engine``: its own residuals, or pooled ones."""
+    """The widening for ``figure`` (decode | ttft) of ``engine``: its own residuals; a class with
+    fewer than MIN_POINTS has no leave-one-out fits to span its uncertainty, so its decode widens
+    by the largest leave-one-out residual of all classes, and its TTFT by all classes' residuals."""
     residuals = {"decode": decode_residuals, "ttft": prefill_residuals}[figure]
     own = residuals(engine)
     pooled = len(own) < MIN_POINTS
-    values = residuals() if pooled else own
+    values = own if not pooled else loo_decode_residuals() if figure == "decode" else residuals()
     return Spread(math.exp(max(abs(r) for r in values)), len(values), pooled)

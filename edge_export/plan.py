@@ -219,14 +219,14 @@ def render_plan(p: dict) -> str:
     lines = [f"{p['model']} on {p['device']} ({p['device_title']}): budget {_gib(p['budget_bytes'])} "
              f"({p['budget'].split(' (')[0]}), context {p['context']}, trace {p['trace_tokens']} tokens",
              f"{'quant':5s} {'target':13s} {'engine':10s} {'weights':>9s} {'KV':>14s} {'fits':>4s} "
-             f"{'decode tok/s':>16s} {'TTFT ms':>13s} {'trace s':>8s}"
+             f"{'decode tok/s':>16s} {'TTFT ms':>19s} {'trace s':>8s}"
              + (f" {'think@' + format(latency, 'g') + 's':>10s}" if latency is not None else "") + "  export"]
     for o in p["options"]:
         kv = f"{_gib(o['kv_bytes'])} {o['kv_cache']}"
         decode = f"{o['est_decode_tok_s']:.1f} ({_band(o['est_decode_tok_s_range'])})"
         ttft = f"{o['est_ttft_ms']:.0f} ({_band(o['est_ttft_ms_range'])})"
         lines.append(f"{o['quant']:5s} {o['target']:13s} {o['engine']:10s} {_gib(o['weight_bytes']):>9s} {kv:>14s} "
-                     f"{'yes' if o['fits'] else 'no':>4s} {decode:>16s} {ttft:>13s} {o['est_trace_s']:8.0f}"
+                     f"{'yes' if o['fits'] else 'no':>4s} {decode:>16s} {ttft:>19s} {o['est_trace_s']:8.0f}"
                      + (f" {o['thinking_budget']:>10d}" if latency is not None else "")
                      + f"  {'yes' if o['exportable'] else 'not yet'}")
     lines += [f"skipped {s['quant']}: {s['reason']}" for s in p["skipped"]]
@@ -240,7 +240,7 @@ def render_plan(p: dict) -> str:
     lines += [f"{target} runs on {engine}: {why}" for (target, engine), why in engines.items()]
     if p["notes"]:
         lines.append(f"note: {p['notes']}")
-    lines.append("(all figures are estimates calibrated on published measurements, with the range of their "
-                 "calibration residuals; not measurements. Sources: devices/CALIBRATION.md, "
-                 "`edge-export devices --json`)")
+    lines.append("(all figures are estimates calibrated on published measurements, in brackets their range: "
+                 "the class's leave-one-out fits widened by its calibration residuals; not measurements. Sources: "
+                 "devices/CALIBRATION.md, `edge-export devices --json`)")
     return "\n".join(lines)

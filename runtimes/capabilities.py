@@ -6,15 +6,17 @@ Export, plan, the estimator and the CLI read these facts here (``devices/`` may 
 Names: a target as profiles and plans name it (``onnx/ort``, ``onnx/portable``, ``onnx/qnn``,
 ``coreml``, ``tensorrt``); KV dtypes as manifests write them (``float32``, ``float16``, ``int8``,
 ``uint16``); engine classes as devices/calibration.py fits them (``phone-npu``, ``apple-gpu``,
-``jetson-gpu``, ``cpu``); device kinds as device profiles declare them.
+``jetson-gpu``, ``cpu``, ``jetson-cpu``); device kinds as device profiles declare them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 # Engine classes: what executes the model's steps, each calibrated on its own published points.
-PHONE_NPU, APPLE_GPU, JETSON_GPU, CPU = "phone-npu", "apple-gpu", "jetson-gpu", "cpu"
-ENGINE_CLASSES = (PHONE_NPU, APPLE_GPU, JETSON_GPU, CPU)
+# The Jetson's Arm cores are their own class: the one published figure puts them several times
+# below what phone CPUs fit at the SoC's bandwidth.
+PHONE_NPU, APPLE_GPU, JETSON_GPU, CPU, JETSON_CPU = "phone-npu", "apple-gpu", "jetson-gpu", "cpu", "jetson-cpu"
+ENGINE_CLASSES = (PHONE_NPU, APPLE_GPU, JETSON_GPU, CPU, JETSON_CPU)
 
 # Device kinds: what a profile is, which decides the engines its targets get.
 SNAPDRAGON, MEDIATEK, IPHONE, MAC, JETSON, ARM_BOARD, HOST = (
@@ -62,7 +64,7 @@ class TargetCapabilities:
 
 
 ORT_CPU = Engine(CPU, "onnxruntime's CPU provider (MLAS / KleidiAI kernels)")
-ORT_ON_JETSON = Engine(CPU, "the graph computes in fp32 and onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 "
+ORT_ON_JETSON = Engine(JETSON_CPU, "the graph computes in fp32 and onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 "
                             "only, so the decoder runs on the Arm CPU cores; TensorRT is the GPU path")
 TRT_GPU = Engine(JETSON_GPU, "TensorRT engine on the GPU (built on the device)")
 

@@ -14,7 +14,8 @@ from devices.estimate import (EstimateError, Roofline, class_fit, estimate_resul
                               workload_from_bits)
 from devices.fit import MIN_POINTS, decode_residuals, point_ttft_s, prefill_residuals, spread
 from devices.profiles import ENGINE_CLASSES, PROFILES, QUANTS, ProfileError, get_profile, host_profile
-from runtimes.capabilities import APPLE_GPU, CPU, DEFAULT_KV_CACHE, JETSON_GPU, PHONE_NPU, get_capabilities
+from runtimes.capabilities import (APPLE_GPU, CPU, DEFAULT_KV_CACHE, JETSON_CPU, JETSON_GPU, PHONE_NPU,
+                                   get_capabilities)
 from runtimes.models import get_architecture
 from devices.protocol import RESULT_FORMAT
 from edge_export.cli import main
@@ -95,7 +96,7 @@ def test_calibration_covers_every_engine_class_and_keeps_points_out():
                and p not in calibration_points())
     for engine in ENGINE_CLASSES:
         fit = class_fit(engine)
-        assert 0.2 < fit.efficiency <= 1.0 and 0 <= fit.layer_s < 2e-3, fit
+        assert 0.02 < fit.efficiency <= 1.0 and 0 <= fit.layer_s < 2e-3, fit  # jetson-cpu: ~0.06
 
 
 def test_held_out_points_cover_a_phone_1b_model_a_gpu_and_a_ttft():
@@ -162,7 +163,7 @@ def test_engine_is_the_one_that_runs_the_target_there():
     """onnx/ort computes in fp32, and onnxruntime's CUDA GroupQueryAttention takes fp16 only: on a
     Jetson it runs on the CPU; TensorRT is the GPU. Profiles read this from runtimes.capabilities."""
     nano = get_profile("jetson-orin-nano-super")
-    assert nano.targets == {"onnx/ort": CPU, "tensorrt": JETSON_GPU}
+    assert nano.targets == {"onnx/ort": JETSON_CPU, "tensorrt": JETSON_GPU}
     assert "GroupQueryAttention" in nano.engine_why("onnx/ort")
     assert get_profile("snapdragon-8-elite").targets == {"onnx/ort": CPU, "onnx/qnn": PHONE_NPU}
     assert get_profile("apple-a17-pro").targets == {"coreml": APPLE_GPU}
@@ -194,8 +195,8 @@ def test_estimate_device_reads_the_manifest(tmp_path):
     for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "model_bytes", "runs", "method",
                 "decode_tok_s_range", "ttft_ms_range", "engine"):
         assert key in result
-    assert result["engine"] == CPU  # an onnx/ort artifact runs on the Jetson's CPU
-    assert 3 < result["decode_tok_s"] < 30 and result["model_bytes"] == 5_170_000_000 + 7_000_000
+    assert result["engine"] == JETSON_CPU  # an onnx/ort artifact runs on the Jetson's CPU
+    assert 0.3 < result["decode_tok_s"] < 30 and result["model_bytes"] == 5_170_000_000 + 7_000_000
     portable = fake_artifact(tmp_path / "p", variant="portable")  # TensorRT ingests the portable ONNX
     thor = devices.bench(str(portable), "estimate:jetson-agx-thor")
     assert thor["target"] == "tensorrt" and thor["engine"] == JETSON_GPU
@@ -408,7 +409,7 @@ def test_cli_devices_plan_report_bench(tmp_path):
     assert human.exit_code == 0 and "recommended: int4" in human.output and "skipped fp8" in human.output
     short = run("plan", "preset:r1-distill-qwen-1.5b", "--device", "jetson-orin-nano-super", "--context", "4096",
                 "--answer-latency", "30s")
-    assert short.exit_code == 0 and "think@30s" in short.output and "onnx/ort runs on cpu" in short.output
+    assert short.exit_code == 0 and "think@30s" in short.output and "onnx/ort runs on jetson-cpu" in short.output
     reported = run("report", *map(str, _results(tmp_path)), "-o", str(tmp_path / "r.html"))
     assert reported.exit_code == 0 and (tmp_path / "r.html").is_file()
     benched = run("bench", str(fake_artifact(tmp_path / "a")), "--device", "estimate:raspberry-pi-5", "--json")
