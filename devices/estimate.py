@@ -1,162 +1,32 @@
-"""The roofline estimator, and ``--device estimate:PROFILE``, which answers a benchmark from a spec sheet.
+"""The estimator, and ``--device estimate:PROFILE``, which answers a benchmark from a spec sheet.
 
-Decode is memory-bound: one new token reads every streamed weight once plus the KV cache so far,
-
-    decode_tok_s = efficiency x bandwidth / (weight bytes read per token + KV bytes at the context)
-
-with one efficiency per engine class (phone NPU, Apple GPU, Jetson GPU, CPU) fitted on published
-measurements (``devices/calibration.py``). Prefill is compute-bound: FLOPs = 2 x parameters x
-prompt tokens (+ causal attention), divided by the published peak for the compute precision x an
-efficiency; where no peak is published, by a compute-to-bandwidth ratio (FLOP per byte of
-bandwidth) fitted on published TTFT / prefill points of the class. Every result says which, in
-its ``method``.
+A decode step costs a fixed time per layer plus the bytes it reads (weights streamed per token
+and the KV cache so far) at the engine's share of the device's bandwidth; prefill costs its FLOPs
+at a compute rate for the precision the graph computes in. Both are calibrated per engine class
+on published measurements (devices/fit.py, devices/calibration.py), and each figure carries a
+range from the calibration residuals. The engine is the one that really runs the target on that
+kind of device (runtimes.capabilities). Every result says how it was obtained, in ``method``.
 """
 from __future__ import annotations
 
-import functools
-import math
-import statistics
 from dataclasses import dataclass
 
-from runtimes.errors import EdgeError
+from runtimes.capabilities import KV_BYTES, RUNS_AS, get_capabilities
 from runtimes.models import ModelSpec
 
-from .calibration import MODELS, PublishedPoint, calibration_points
-from .profiles import CPU, DeviceProfile, get_profile, list_profiles
+from .calibration import PublishedPoint
+from .fit import (EstimateError, Workload, class_fit, decode_fits, output_params, point_estimate_ttft_s,  # noqa: F401
+                  point_ttft_s, prefill_fit, prefill_fits, prefill_flops, prefill_rate_s, spread, step_s, ttft_s,
+                  workload_from_bits)
+from .profiles import DeviceProfile, get_profile
 from .protocol import RESULT_FORMAT
 from .registry import Device, register_device
 
-# Share of a published dense peak reached in prefill where no published TTFT calibrates it (GPUs).
-ASSUMED_PREFILL_EFFICIENCY = 0.5
-# Targets whose graphs have static shapes: every decode step reads the whole KV buffer.
-STATIC_KV_TARGETS = ("onnx/qnn",)
+__all__ = ["EstimateError", "Roofline", "Workload", "estimate_result", "point_errors", "prefill_flops",
+           "workload_from_bits"]
 
 
-class EstimateError(EdgeError):
-    """An estimate cannot be made (no profile named, an artifact the estimator cannot read)."""
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A model as the estimator sees it. Bytes are stored bytes (scales included).
-
-    ``embedding_bytes``: the token-embedding table, gathered one row per token and so not
-    streamed (0 when tied: the table is then read whole as the output projection).
-    """
-
-    spec: ModelSpec
-    weight_bytes: int
-    embedding_bytes: int
-    precision: str
-    kv_bytes_per_element: int = 2
-
-    @property
-    def streamed_bytes(self) -> int:
-        """Weight bytes read per decoded token."""
-        return self.weight_bytes - self.embedding_bytes
-
-    def kv_bytes(self, tokens: int) -> int:
-        return self.spec.kv_bytes_per_token(self.kv_bytes_per_element) * tokens
-
-
-def output_params(spec: ModelSpec) -> int:
-    return spec.vocab_size * spec.hidden_size
-
-
-def compute_params(spec: ModelSpec) -> int:
-    """Parameters every token multiplies through (all but an untied embedding table)."""
-    return spec.parameter_count - (0 if spec.tied_embeddings else output_params(spec))
-
-
-def workload_from_bits(spec: ModelSpec, precision: str, body_bits: float, head_bits: float) -> Workload:
-    """A Workload from bits per weight: ``head_bits`` for the output projection (and an untied
-    embedding table), ``body_bits`` for everything else."""
-    head = output_params(spec)
-    tables = 1 if spec.tied_embeddings else 2
-    body = spec.parameter_count - tables * head
-    embedding = 0 if spec.tied_embeddings else int(head * head_bits / 8)
-    return Workload(spec, int(body * body_bits / 8 + head * head_bits / 8) + embedding, embedding, precision)
-
-
-def prefill_flops(spec: ModelSpec, tokens: int) -> float:
-    """FLOPs of a prefill of ``tokens``: 2 x compute parameters x tokens, plus causal attention
-    (QK^T and AV: 2 x head_dim x T(T+1) per head and layer)."""
-    attention = 2 * spec.num_layers * spec.num_heads * spec.head_dim * tokens * (tokens + 1)
-    return 2.0 * compute_params(spec) * tokens + attention
-
-
-# ---- calibration -----------------------------------------------------------------------------
-def point_workload(point: PublishedPoint) -> Workload:
-    return workload_from_bits(MODELS[point.model], point.precision, point.body_bits, point.head_bits)
-
-
-def point_efficiency(point: PublishedPoint) -> float:
-    """The share of the device's peak bandwidth a published decode rate implies."""
-    work = point_workload(point)
-    per_token = work.streamed_bytes + work.kv_bytes(point.decode_context)
-    return point.decode_tok_s * per_token / get_profile(point.device).bandwidth_bytes_s
-
-
-def point_prefill_ratio(point: PublishedPoint) -> float | None:
-    """Compute rate per byte/s of bandwidth a published TTFT or prefill rate implies (FLOP/byte)."""
-    spec, bandwidth = MODELS[point.model], get_profile(point.device).bandwidth_bytes_s
-    if point.ttft_ms and point.prompt_tokens:
-        return prefill_flops(spec, point.prompt_tokens) / (point.ttft_ms / 1000) / bandwidth
-    if point.prefill_tok_s:
-        return prefill_flops(spec, 128) / 128 * point.prefill_tok_s / bandwidth
-    return None
-
-
-def _geomean(values: list[float]) -> float:
-    return math.exp(statistics.fmean(math.log(v) for v in values))
-
-
-@dataclass(frozen=True)
-class ClassFit:
-    """What calibration gives one engine class: a decode efficiency (share of peak bandwidth) and,
-    where published prefill points exist, a compute-to-bandwidth ratio (FLOP per byte)."""
-
-    engine: str
-    decode_efficiency: float
-    decode_points: int
-    prefill_ratio: float | None
-    prefill_points: int
-
-
-@functools.cache
-def class_fit(engine: str) -> ClassFit:
-    """Geometric means over the class's calibration points (devices/calibration.py)."""
-    points = calibration_points(engine)
-    if not points:
-        raise EstimateError(f"no calibration point for engine class '{engine}' in devices/calibration.py")
-    ratios = [r for r in map(point_prefill_ratio, points) if r]
-    return ClassFit(engine, _geomean([point_efficiency(p) for p in points]), len(points),
-                    _geomean(ratios) if ratios else None, len(ratios))
-
-
-def peak_ratio(engine: str) -> float | None:
-    """Assumed prefill FLOP per byte for a class with published peaks: the assumed efficiency x the
-    median peak-to-bandwidth ratio of the class's profiles that publish an fp16 peak."""
-    ratios = [p.peak_flops("fp16") / p.bandwidth_bytes_s for p in list_profiles(include_host=False)
-              if engine in p.targets.values() and p.peak_flops("fp16")]
-    return ASSUMED_PREFILL_EFFICIENCY * statistics.median(ratios) if ratios else None
-
-
-def point_errors(point: PublishedPoint) -> dict[str, float]:
-    """Relative error (estimate / published - 1) of each published figure of a point."""
-    profile = get_profile(point.device)
-    target = next(t for t, engine in profile.targets.items() if engine == point.engine)
-    roof, work = Roofline(profile, target), point_workload(point)
-    errors = {"decode_tok_s": roof.decode_tok_s(work, point.decode_context, point.decode_context)
-              / point.decode_tok_s - 1}
-    if point.ttft_ms and point.prompt_tokens:
-        errors["ttft_ms"] = roof.ttft_s(work, point.prompt_tokens) * 1000 / point.ttft_ms - 1
-    elif point.prefill_tok_s:
-        errors["prefill_tok_s"] = 128 / roof.ttft_s(work, 128) / point.prefill_tok_s - 1
-    return errors
-
-
-# ---- the roofline for one device and target ----------------------------------------------------
+# ---- the estimator for one device and target ---------------------------------------------------
 @dataclass(frozen=True)
 class Roofline:
     """The estimator for one profile and target. Times in seconds unless named otherwise."""
@@ -178,85 +48,115 @@ class Roofline:
         return self.profile.targets[self.target]
 
     @property
+    def static_kv(self) -> bool:
+        return get_capabilities(self.target).static_kv
+
+    @property
     def efficiency(self) -> float:
         # a measured host bandwidth is already an achieved rate, not a spec-sheet peak
-        return 1.0 if self.profile.measured else class_fit(self.engine).decode_efficiency
+        return 1.0 if self.profile.measured else class_fit(self.engine).efficiency
 
     def kv_tokens(self, context: int, max_context: int | None) -> int:
         """Tokens of KV read per step: the whole buffer for static-shape targets."""
-        return max_context if (max_context and self.target in STATIC_KV_TARGETS) else context
+        return max_context if (max_context and self.static_kv) else context
 
     def seconds_per_token(self, work: Workload, context: int, max_context: int | None = None) -> float:
-        read = work.streamed_bytes + work.kv_bytes(self.kv_tokens(context, max_context))
-        return read / (self.efficiency * self.profile.bandwidth_bytes_s)
+        return step_s(work, self.kv_tokens(context, max_context), class_fit(self.engine).layer_s, self.efficiency,
+                      self.profile.bandwidth_bytes_s)
 
     def decode_tok_s(self, work: Workload, context: int, max_context: int | None = None) -> float:
         """Decode rate (tokens/s) with ``context`` tokens in the KV cache."""
         return 1.0 / self.seconds_per_token(work, context, max_context)
 
-    def prefill_rate(self, precision: str) -> tuple[float, str]:
-        """Sustained prefill compute (FLOP/s) and how it was obtained."""
-        compute = "fp8" if precision == "fp8" else "fp16"  # our int8 / int4 are weight-only: fp16 math
-        bandwidth, fit = self.profile.bandwidth_gb_s.value, class_fit(self.engine)
-        peak = None if self.engine == CPU else self.profile.peak_flops(compute)
-        if peak:
-            return peak * ASSUMED_PREFILL_EFFICIENCY, (
-                f"published {compute} peak {peak / 1e12:g} T/s x {ASSUMED_PREFILL_EFFICIENCY} assumed prefill "
-                f"efficiency (no published TTFT point calibrates {self.engine})")
-        if fit.prefill_ratio:
-            return fit.prefill_ratio * bandwidth * 1e9, (
-                f"no published {compute} peak on {self.profile.name}: compute = {fit.prefill_ratio:.1f} FLOP per "
-                f"byte of bandwidth x {bandwidth:g} GB/s (ratio fitted on {fit.prefill_points} published "
-                f"{self.engine} prefill point(s))")
-        ratio = peak_ratio(self.engine)
-        if ratio is None:
-            raise EstimateError(f"no way to estimate prefill on {self.profile.name} ({self.engine}): no peak, "
-                                "no calibrated ratio")
-        return ratio * bandwidth * 1e9, (
-            f"no published {compute} peak on {self.profile.name}: compute = {ratio:.1f} FLOP per byte of "
-            f"bandwidth x {bandwidth:g} GB/s (the {self.engine} class's published peak-to-bandwidth ratio x "
-            f"{ASSUMED_PREFILL_EFFICIENCY} assumed efficiency)")
+    def prefill_rate(self, compute: str) -> tuple[float, str]:
+        """Sustained prefill compute (FLOP/s) for graphs computing in ``compute``, and how it was obtained."""
+        fit, bandwidth = prefill_fit(self.engine, compute), self.profile.bandwidth_gb_s.value
+        if fit.per_byte:
+            return fit.per_byte * bandwidth * 1e9, (
+                f"{compute} compute = {fit.per_byte:.1f} FLOP per byte of bandwidth x {bandwidth:g} GB/s ({fit.how})")
+        peak = self.profile.peak_flops(compute)  # the graph's own precision: an fp32 graph is not priced at fp16's
+        if not peak:
+            raise EstimateError(f"no way to estimate prefill on {self.profile.name} ({self.engine}, {compute}): "
+                                f"no calibrated rate and no published {compute} peak")
+        return peak * fit.peak_share, (f"published peak {peak / 1e12:g} T/s x {fit.peak_share:.2f} ({fit.how})")
 
     def ttft_s(self, work: Workload, prompt_tokens: int, max_context: int | None = None) -> float:
-        """Time to the first token: the larger of the prefill's compute time and one weight pass."""
-        rate, _ = self.prefill_rate(work.precision)
-        return max(prefill_flops(work.spec, prompt_tokens) / rate,
-                   self.seconds_per_token(work, prompt_tokens, max_context))
+        """Time to the first token (see devices.fit.ttft_s)."""
+        rate, _ = self.prefill_rate(work.compute)
+        weight_pass = self.seconds_per_token(work, prompt_tokens, max_context) - \
+            work.spec.num_layers * class_fit(self.engine).layer_s
+        return ttft_s(work, prompt_tokens, rate, class_fit(self.engine).layer_s, weight_pass)
 
     def trace_s(self, work: Workload, prompt_tokens: int, new_tokens: int, max_context: int | None = None) -> float:
         """Time to produce ``new_tokens`` after a prompt: TTFT + decode, the per-token time growing
         linearly with the KV cache (summed in closed form)."""
         base = self.seconds_per_token(work, 0, max_context)
-        if self.target in STATIC_KV_TARGETS and max_context:
+        if self.static_kv and max_context:
             decode = new_tokens * base
         else:
             per_kv_token = self.seconds_per_token(work, 1) - self.seconds_per_token(work, 0)
             decode = new_tokens * base + per_kv_token * (new_tokens * prompt_tokens + new_tokens * (new_tokens - 1) / 2)
         return self.ttft_s(work, prompt_tokens, max_context) + decode
 
+    def trace_tokens_within(self, work: Workload, prompt_tokens: int, seconds: float, limit: int,
+                            max_context: int | None = None) -> int:
+        """The longest trace (tokens, at most ``limit``) that finishes within ``seconds`` (bisection)."""
+        if self.trace_s(work, prompt_tokens, 1, max_context) > seconds:
+            return 0
+        low, high = 1, limit
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.trace_s(work, prompt_tokens, mid, max_context) <= seconds else (low, mid - 1)
+        return low
+
+    def ranges(self, work: Workload, context: int, prompt_tokens: int, max_context: int | None = None) -> dict:
+        """[low, high] of the decode rate at ``context`` and of the TTFT (ms): the estimates under each
+        leave-one-out fit of the class, widened by its largest calibration residual (devices.fit)."""
+        bandwidth, kv = self.profile.bandwidth_bytes_s, self.kv_tokens(context, max_context)
+        peak = self.profile.peak_flops(work.compute)
+        layer_s, efficiency = decode_fits(self.engine)[0]
+        decode = [1 / step_s(work, kv, a, 1.0 if self.profile.measured else e, bandwidth)
+                  for a, e in decode_fits(self.engine)]
+        weight_pass = self.seconds_per_token(work, prompt_tokens, max_context) - work.spec.num_layers * layer_s
+        rates = [r for f in prefill_fits(self.engine, work.compute) if (r := prefill_rate_s(f, bandwidth, peak))]
+        ttft = [1000 * ttft_s(work, prompt_tokens, rate, a, weight_pass)
+                for rate in rates for a, _ in decode_fits(self.engine)]
+        return {"decode_tok_s": spread(self.engine, "decode").band(decode, 2),
+                "ttft_ms": spread(self.engine, "ttft").band(ttft)}
+
     def method(self, work: Workload) -> dict:
         """How each figure was obtained, in words, with the numbers used."""
-        fit = class_fit(self.engine)
-        bandwidth = self.profile.bandwidth_gb_s
+        fit, bandwidth = class_fit(self.engine), self.profile.bandwidth_gb_s
         if self.profile.measured:
             efficiency = f"efficiency 1.0: the bandwidth is a measured read rate ({bandwidth.source})"
         else:
-            efficiency = (f"efficiency {fit.decode_efficiency:.2f} fitted on {fit.decode_points} published "
-                          f"{self.engine} point(s) (devices/calibration.py)")
-        kv = ("the whole KV buffer (static-shape graph)" if self.target in STATIC_KV_TARGETS else
-              "the KV cache at the context")
-        decode = (f"roofline: {efficiency} x {bandwidth.value:g} GB/s ({bandwidth.source}) / "
-                  f"({work.streamed_bytes / 1e9:.2f} GB weights read per token + {kv}, "
-                  f"{work.spec.kv_bytes_per_token(work.kv_bytes_per_element)} B per token)")
-        return {"decode": decode, "prefill": self.prefill_rate(work.precision)[1],
-                "engine": self.engine, "calibration": "devices/calibration.py"}
+            efficiency = f"efficiency {fit.efficiency:.2f}"
+        kv = "the whole KV buffer (static-shape graph)" if self.static_kv else "the KV cache at the context"
+        decode = (f"{work.spec.num_layers} layers x {fit.layer_s * 1e6:.0f} us fixed per layer ({fit.layer_from}) + "
+                  f"({work.streamed_bytes / 1e9:.3f} GB weights read per token + {kv}, "
+                  f"{work.spec.kv_bytes_per_token(work.kv_bytes_per_element)} B per token) / ({efficiency} x "
+                  f"{bandwidth.value:g} GB/s, {bandwidth.source}); fitted on {fit.points} published {self.engine} "
+                  "points (devices/calibration.py)")
+        return {"engine": self.engine, "engine_why": self.profile.engine_why(self.target), "decode": decode,
+                "prefill": self.prefill_rate(work.compute)[1],
+                "decode_range": spread(self.engine, "decode").words("decode", self.engine),
+                "ttft_range": spread(self.engine, "ttft").words("TTFT", self.engine),
+                "calibration": "devices/calibration.py (devices/CALIBRATION.md)"}
+
+
+# ---- published points through the same estimator ---------------------------------------------------
+def point_errors(point: PublishedPoint) -> dict[str, float]:
+    """Relative error (estimate / published - 1) of each published figure of a point."""
+    from .fit import decode_estimate_s
+    errors = {"decode_tok_s": 1 / decode_estimate_s(point) / point.decode_tok_s - 1}
+    published = point_ttft_s(point)
+    if published is not None:
+        errors["ttft_ms"] = point_estimate_ttft_s(point) / published - 1
+    return errors
 
 
 # ---- --device estimate:PROFILE --------------------------------------------------------------------
 NON_WEIGHT_SUFFIXES = (".json", ".txt", ".jinja", ".md")
-# An artifact target a profile does not list, and what runs it there (first one the profile has).
-RUNS_AS = {"onnx/portable": ("tensorrt", "onnx/ort")}
-KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
 
 
 def artifact_target(manifest: dict) -> str:
@@ -280,8 +180,9 @@ def embedding_element_bytes(scheme: dict | None) -> float:
     return {"int8": 1.0, "fp8": 1.0}.get(kind, 2.0)
 
 
-def workload_from_manifest(manifest: dict, source: str = "manifest") -> Workload:
-    """The Workload of an artifact: its weight files' bytes, its quantization, its KV dtype."""
+def workload_from_manifest(manifest: dict, target: str, source: str = "manifest") -> Workload:
+    """The Workload of an artifact run as ``target``: its weight files' bytes, its quantization,
+    its KV dtype and the precision its graph computes in."""
     spec = ModelSpec.from_dict(manifest["model"])
     precision = (manifest.get("quantization") or {}).get("quant")
     if not precision:
@@ -292,23 +193,29 @@ def workload_from_manifest(manifest: dict, source: str = "manifest") -> Workload
     embed_record = records.get(spec.tensor_name("embed"), {})
     embedding = 0 if spec.tied_embeddings else int(output_params(spec) * embedding_element_bytes(
         embed_record.get("scheme")))
-    kv = KV_ELEMENT_BYTES.get((manifest.get("graph") or {}).get("kv_dtype", "float16"), 2)
-    return Workload(spec, weight_bytes, min(embedding, weight_bytes), precision, kv)
+    capabilities = get_capabilities(target)
+    kv_dtype = (manifest.get("graph") or {}).get("kv_dtype") or capabilities.kv_caches[0]
+    return Workload(spec, weight_bytes, min(embedding, weight_bytes), precision, KV_BYTES.get(kv_dtype, 2),
+                    capabilities.compute_precision(precision))
 
 
 def estimate_result(work: Workload, profile: str, target: str, prompt_tokens: int = 128, new_tokens: int = 128,
                     max_context: int | None = None, long_context: int | None = None) -> dict:
-    """A bench result (format edge-export-bench/1) from the roofline: ``measured`` false,
-    ``estimated`` true. Decode is at the run's mean context (prompt + new / 2)."""
+    """A bench result (format edge-export-bench/1) from the estimator: ``measured`` false,
+    ``estimated`` true, with ``decode_tok_s_range`` / ``ttft_ms_range``. Decode is at the run's
+    mean context (prompt + new / 2)."""
     roof = Roofline.for_device(profile, target, work.precision)
     ttft = roof.ttft_s(work, prompt_tokens, max_context)
     decode = roof.decode_tok_s(work, prompt_tokens + new_tokens // 2, max_context)
     kv_tokens = max_context or prompt_tokens + new_tokens
+    ranges = roof.ranges(work, prompt_tokens + new_tokens // 2, prompt_tokens, max_context)
     result = {
         "format": RESULT_FORMAT, "measured": False, "estimated": True, "device": f"estimate:{roof.profile.name}",
-        "device_title": roof.profile.title, "target": target, "quant": work.precision,
-        "ttft_ms": round(ttft * 1000, 1), "prefill_tok_s": round(prompt_tokens / ttft, 1),
-        "decode_tok_s": round(decode, 2), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "device_title": roof.profile.title, "target": target, "engine": roof.engine, "quant": work.precision,
+        "ttft_ms": round(ttft * 1000, 1), "ttft_ms_range": ranges["ttft_ms"],
+        "prefill_tok_s": round(prompt_tokens / ttft, 1),
+        "decode_tok_s": round(decode, 2), "decode_tok_s_range": ranges["decode_tok_s"],
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
         "runs": 0, "warmup": 0, "peak_rss_mb": round((work.weight_bytes + work.kv_bytes(kv_tokens)) / 2**20, 1),
         "budget_mb": round(roof.profile.budget_bytes / 2**20, 1), "model_bytes": work.weight_bytes,
         "efficiency": round(roof.efficiency, 3), "method": roof.method(work),
@@ -322,7 +229,8 @@ def estimate_result(work: Workload, profile: str, target: str, prompt_tokens: in
 
 @register_device("estimate")
 class EstimateDevice(Device):
-    """``--device estimate:PROFILE``: the artifact's manifest through the roofline of a profile."""
+    """``--device estimate:PROFILE``: the artifact's manifest through the estimator of a profile,
+    on the engine that runs the artifact's target there."""
 
     def bench(self, artifact: str, options: dict) -> dict:
         if not self.target:
@@ -330,8 +238,9 @@ class EstimateDevice(Device):
         from runtimes.artifact import read_manifest
         found = read_manifest(artifact)
         manifest = found.manifest
-        work = workload_from_manifest(manifest, str(found.path))
         target = runs_as(artifact_target(manifest), get_profile(self.target))
+        get_profile(self.target).engine(target)
+        work = workload_from_manifest(manifest, target, str(found.path))
         result = estimate_result(work, self.target, target,
                                  prompt_tokens=options.get("prompt_tokens") or 128,
                                  new_tokens=options.get("new_tokens") or 128,

@@ -7,8 +7,9 @@ figure derived from others (memory type and bus width, sparse to dense, INT8 to 
 sheets give it (binary: an "8 GB" board has 8 GiB), bandwidth in GB/s (1e9 bytes/s), peaks in
 dense TOPS / TFLOPS.
 
-Each profile lists the edge-export targets that run there, and for each the engine class whose
-calibrated efficiency the roofline estimator applies (``devices/estimate.py``).
+Each profile names its device kind; which targets run there and on which engine class (whose
+calibrated figures the estimator applies, ``devices/estimate.py``) is declared per target in
+``runtimes/capabilities.py``.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import platform
 import time
 from dataclasses import dataclass, field
 
+from runtimes.capabilities import (APPLE_GPU, ARM_BOARD, CPU, ENGINE_CLASSES, HOST, IPHONE, JETSON, JETSON_GPU,
+                                   MAC, MEDIATEK, PHONE_NPU, SNAPDRAGON, engines_for)
 from runtimes.errors import EdgeError
 
-# Engine classes: what actually executes the model, each with its own calibrated efficiency.
-PHONE_NPU, APPLE_GPU, JETSON_GPU, CPU = "phone-npu", "apple-gpu", "jetson-gpu", "cpu"
-ENGINE_CLASSES = (PHONE_NPU, APPLE_GPU, JETSON_GPU, CPU)
+__all__ = ["APPLE_GPU", "CPU", "ENGINE_CLASSES", "JETSON_GPU", "PHONE_NPU"]
 QUANTS = ("fp16", "int8", "int4", "fp8")
 
 
@@ -43,9 +44,10 @@ class DeviceProfile:
     """A device's spec sheet as the estimator and planner need it.
 
     ``peak``: compute precision (fp16 | int8 | fp8 | fp4) -> dense TFLOPS / TOPS of the accelerator.
-    ``precisions``: weight precisions the hardware really runs. ``targets``: edge-export target
-    (onnx/qnn, onnx/ort, onnx/portable, coreml, tensorrt) -> engine class. ``budget_share``: the
-    share of RAM one app's model (weights + KV cache) may take.
+    ``precisions``: weight precisions the hardware really runs. ``kind``: the device kind
+    (runtimes.capabilities) that decides ``targets``: edge-export target (onnx/qnn, onnx/ort,
+    coreml, tensorrt) -> engine class. ``budget_share``: the share of RAM one app's model (weights
+    + KV cache) may take.
     """
 
     name: str
@@ -54,7 +56,7 @@ class DeviceProfile:
     bandwidth_gb_s: Sourced
     peak: dict[str, Sourced]
     precisions: tuple[str, ...]
-    targets: dict[str, str]
+    kind: str
     budget_share: Sourced
     missing_precision: str = ""
     notes: str = ""
@@ -65,6 +67,15 @@ class DeviceProfile:
     def budget_bytes(self) -> int:
         """Bytes a model (weights + KV cache) may take on this device."""
         return int(self.memory_gb.value * 2**30 * self.budget_share.value)
+
+    @property
+    def targets(self) -> dict[str, str]:
+        """Target -> engine class, for every target that runs on this kind of device."""
+        return {target: e.engine for target, e in engines_for(self.kind).items()}
+
+    def engine_why(self, target: str) -> str:
+        """Why ``target`` runs on the engine it does here (runtimes.capabilities)."""
+        return engines_for(self.kind)[target].why
 
     @property
     def bandwidth_bytes_s(self) -> float:
@@ -90,7 +101,7 @@ class DeviceProfile:
         fig = lambda s: {"value": s.value, "source": s.source}  # noqa: E731
         return {"name": self.name, "title": self.title, "memory_gb": fig(self.memory_gb),
                 "bandwidth_gb_s": fig(self.bandwidth_gb_s), "peak": {k: fig(v) for k, v in self.peak.items()},
-                "precisions": list(self.precisions), "targets": dict(self.targets),
+                "precisions": list(self.precisions), "kind": self.kind, "targets": dict(self.targets),
                 "budget_share": fig(self.budget_share), "budget_bytes": self.budget_bytes,
                 "missing_precision": self.missing_precision, "notes": self.notes, "measured": self.measured,
                 **({"extra": self.extra} if self.extra else {})}
@@ -135,42 +146,40 @@ ORIN_FP8 = ("Orin is Ampere (SM87): no native FP8, which needs SM89+; Orin runs 
             "(TensorRT Edge-LLM docs)")
 CPU_FP8 = "no FP8 arithmetic on Arm / x86 CPUs (onnxruntime's CPU provider only dequantizes float8 weights)"
 MOBILE_INT = ("fp16", "int8", "int4")
-SNAPDRAGON = {"onnx/qnn": PHONE_NPU, "onnx/ort": CPU}
-JETSON = {"tensorrt": JETSON_GPU, "onnx/ort": JETSON_GPU}  # onnx/portable is what TensorRT ingests: see estimate
 NOT_PUBLISHED = "not published"
 
 
-def _phone(name, title, bandwidth, memory, npu, targets, share=ANDROID_SHARE, notes="", no_fp8=PHONE_FP8):
-    return register_profile(DeviceProfile(name, title, memory, bandwidth, npu, MOBILE_INT, targets, share,
+def _phone(name, title, bandwidth, memory, npu, kind, share=ANDROID_SHARE, notes="", no_fp8=PHONE_FP8):
+    return register_profile(DeviceProfile(name, title, memory, bandwidth, npu, MOBILE_INT, kind, share,
                                           no_fp8, notes))
 
 
 def _jetson(name, title, memory, bandwidth, int8, fp16, notes=""):
     return register_profile(DeviceProfile(name, title, memory, bandwidth, {"int8": int8, "fp16": fp16}, MOBILE_INT,
-                                          dict(JETSON), BOARD_SHARE, ORIN_FP8, notes))
+                                          JETSON, BOARD_SHARE, ORIN_FP8, notes))
 
 
 _phone("snapdragon-8-gen3", "Qualcomm Snapdragon 8 Gen 3 (SM8650)",
        Sourced(76.8, "computed: LPDDR5X 9.6 Gbps x 64-bit bus (memory type: press)"),
        Sourced(12, "assumed: typical flagship phone (Galaxy S24 Ultra, OnePlus 12); the SoC takes up to 24 GB"),
        {"int8": Sourced(None, "Hexagon HTP v75: TOPS not published (Qualcomm AI Hub models README names v75)")},
-       dict(SNAPDRAGON))
+       SNAPDRAGON)
 _phone("snapdragon-8-elite", "Qualcomm Snapdragon 8 Elite (SM8750)", Sourced(84.8, "press (secondary)"),
        Sourced(12, "assumed: typical flagship phone; the SoC takes up to 24 GB (press, secondary)"),
-       {"int8": Sourced(None, "Hexagon v79: TOPS not published")}, dict(SNAPDRAGON))
+       {"int8": Sourced(None, "Hexagon v79: TOPS not published")}, SNAPDRAGON)
 _phone("snapdragon-x-elite", "Qualcomm Snapdragon X Elite (laptop)",
        Sourced(135, "Qualcomm product brief: LPDDR5X-8448, 135 GB/s (press, secondary)"),
        Sourced(16, "assumed: typical Copilot+ PC configuration"),
-       {"int8": Sourced(45, "Hexagon NPU 45 TOPS INT8 (Qualcomm, press)")}, dict(SNAPDRAGON),
+       {"int8": Sourced(45, "Hexagon NPU 45 TOPS INT8 (Qualcomm, press)")}, SNAPDRAGON,
        share=Sourced(0.75, "assumed: a Windows laptop leaves ~75% of RAM to one model"))
 _phone("dimensity-9300", "MediaTek Dimensity 9300",
        Sourced(76.8, "computed: LPDDR5T 9.6 Gbps x 64-bit bus (memory type: press)"),
        Sourced(12, "assumed: typical flagship phone"), {"int8": Sourced(None, f"APU 790: TOPS {NOT_PUBLISHED}")},
-       {"onnx/ort": CPU}, notes="no edge-export target for the MediaTek APU (NeuroPilot): onnx/ort on the CPU only")
+       MEDIATEK, notes="no edge-export target for the MediaTek APU (NeuroPilot): onnx/ort on the CPU only")
 _phone("dimensity-9400", "MediaTek Dimensity 9400",
        Sourced(85.6, "computed: LPDDR5X 10.7 Gbps x 64-bit bus (memory type: press)"),
        Sourced(12, "assumed: typical flagship phone"), {"int8": Sourced(None, f"NPU 890: TOPS {NOT_PUBLISHED}")},
-       {"onnx/ort": CPU}, notes="no edge-export target for the MediaTek NPU (NeuroPilot): onnx/ort on the CPU only")
+       MEDIATEK, notes="no edge-export target for the MediaTek NPU (NeuroPilot): onnx/ort on the CPU only")
 
 A17_BANDWIDTH = 51.2
 APPLE_NE_35 = Sourced(35, "Neural Engine 35 TOPS, INT8 (press; W8A8 per coremltools docs); not used for "
@@ -179,12 +188,12 @@ _phone("apple-a17-pro", "Apple A17 Pro (iPhone 15 Pro)",
        Sourced(A17_BANDWIDTH, "computed: LPDDR5-6400 x 64-bit; Apple does not publish it (whisper.cpp PR 2546 "
                               "measured ~22.5 GB/s memcpy)"),
        Sourced(8, "press"), {"int8": APPLE_NE_35, "fp16": Sourced(None, f"GPU FLOPS {NOT_PUBLISHED} by Apple")},
-       {"coreml": APPLE_GPU}, share=IOS_SHARE, no_fp8=APPLE_FP8)
+       IPHONE, share=IOS_SHARE, no_fp8=APPLE_FP8)
 _phone("apple-a18-pro", "Apple A18 Pro (iPhone 16 Pro)",
        Sourced(round(A17_BANDWIDTH * 1.17, 1), "computed: A17 Pro's 51.2 GB/s x 1.17 ('17% more', press; "
                                                "absolute not published)"),
        Sourced(8, "press"), {"int8": APPLE_NE_35, "fp16": Sourced(None, f"GPU FLOPS {NOT_PUBLISHED} by Apple")},
-       {"coreml": APPLE_GPU}, share=IOS_SHARE, no_fp8=APPLE_FP8)
+       IPHONE, share=IOS_SHARE, no_fp8=APPLE_FP8)
 for _name, _title, _bw, _mem, _ne, _gpu in (
         ("apple-m4", "Apple M4", Sourced(120, "press"),
          Sourced(16, "assumed: base Mac configuration since Oct 2024 (iPad Pro M4: 8 or 16 GB)"),
@@ -193,7 +202,7 @@ for _name, _title, _bw, _mem, _ne, _gpu in (
          Sourced(32, "Apple press (base M1 Max configuration)"), Sourced(11, "Neural Engine 11 TOPS (Apple press)"),
          Sourced(10.4, "Apple press: 32-core GPU 10.4 TFLOPS (FP32; Apple GPUs run FP16 at the same rate)"))):
     register_profile(DeviceProfile(_name, _title, _mem, _bw, {"int8": _ne, "fp16": _gpu}, MOBILE_INT,
-                                   {"coreml": APPLE_GPU, "onnx/ort": CPU}, MAC_SHARE, APPLE_FP8))
+                                   MAC, MAC_SHARE, APPLE_FP8))
 
 NANO_DS = "NVIDIA datasheet via Seeed wiki"
 _jetson("jetson-orin-nano-8gb", "NVIDIA Jetson Orin Nano 8GB", Sourced(8, NANO_DS), Sourced(68, NANO_DS),
@@ -217,14 +226,14 @@ register_profile(DeviceProfile(
     {"fp8": Sourced(517, "517 TFLOPS dense FP8 (quoted in TensorRT issue 4590)"),
      "fp4": Sourced(1035, "1035 TFLOPS dense FP4 (quoted in TensorRT issue 4590)"),
      "fp16": Sourced(258.5, "computed: dense FP8 / 2 (Blackwell tensor cores)")},
-    ("fp16", "int8", "int4", "fp8", "nvfp4"), dict(JETSON), BOARD_SHARE,
+    ("fp16", "int8", "int4", "fp8", "nvfp4"), JETSON, BOARD_SHARE,
     notes="TensorRT 10.13 was reported to fall back silently from FP8 to FP32 (TensorRT issue 4590): "
           "check the precision that actually ran"))
 register_profile(DeviceProfile(
     "raspberry-pi-5", "Raspberry Pi 5 (8 GB)", Sourced(8, "assumed: the 8 GB model (4 / 8 / 16 GB sold; press)"),
     Sourced(17.1, "computed: LPDDR4X-4267 x 32-bit bus (press)"),
     {"fp16": Sourced(None, "4x Cortex-A76, no accelerator; CPU peak not published")}, MOBILE_INT,
-    {"onnx/ort": CPU}, BOARD_SHARE, CPU_FP8))
+    ARM_BOARD, BOARD_SHARE, CPU_FP8))
 
 
 # ---- host: measured now ---------------------------------------------------------------------
@@ -259,7 +268,7 @@ def host_profile() -> DeviceProfile:
         "host", f"this machine ({platform.machine()}, {cpus} CPUs)",
         Sourced(_meminfo_gb(), "measured: /proc/meminfo MemTotal"),
         Sourced(probe_read_bandwidth(), "measured: numpy read of 64 MiB, one thread (an achieved rate, not a peak)"),
-        {"fp16": Sourced(None, "CPU peak not measured")}, MOBILE_INT, {"onnx/ort": CPU},
+        {"fp16": Sourced(None, "CPU peak not measured")}, MOBILE_INT, HOST,
         BOARD_SHARE, CPU_FP8, measured=True, extra={"cpus": cpus})
 
 

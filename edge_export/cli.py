@@ -13,8 +13,12 @@ from pathlib import Path
 
 import click
 
+from runtimes.capabilities import DEFAULT_KV_CACHE, KV_CACHE_NAMES
+
 from . import __version__
 from .errors import EdgeError
+
+DEFAULT_KV_CACHE_NAME = next(name for name, dtype in KV_CACHE_NAMES.items() if dtype == DEFAULT_KV_CACHE)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -131,7 +135,7 @@ TARGET_HELP = """Targets and variants (`edge-export targets` says which run here
                    "rtn --asymmetric: kl_mean 0.222 against 0.272 without, 0.359 symmetric).")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
 @click.option("--max-context", default=2048, show_default=True, help="Positions the KV cache holds.")
-@click.option("--kv-cache", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--kv-cache", type=click.Choice(list(KV_CACHE_NAMES)), default=DEFAULT_KV_CACHE_NAME, show_default=True,
               help="KV-cache precision. int8 (onnx/ort): onnxruntime's GroupQueryAttention keeps the cache in "
                    "int8 with per-channel scales calibrated on the built-in prompts or --calibration; a quarter "
                    "of fp32's memory.")
@@ -161,7 +165,7 @@ def export(checkpoint, out, target, variant, quant, method, head, group_size, as
     options = ExportOptions(target=target, variant=variant, quant=quant, method=method, group_size=int(group_size),
                             symmetric=not asymmetric, clip_search=clip_search, act_order=act_order, head=head,
                             max_context=max_context,
-                            kv_cache={"fp32": "float32", "fp16": "float16", "int8": "int8"}[kv_cache],
+                            kv_cache=KV_CACHE_NAMES[kv_cache],
                             accuracy_level=int(accuracy_level), fp8_activations=fp8_activations, device=device,
                             calibration=calibration, verify=not no_verify, overwrite=overwrite, via=via,
                             **{k: v for k, v in (("max_kl", max_kl), ("min_top1", min_top1)) if v is not None})
@@ -401,9 +405,11 @@ def _expand_device_files(specs) -> list[str]:
 
 def _result_line(result: dict) -> str:
     if result.get("estimated"):
-        return (f"{result['device']} (estimate, not measured): TTFT {result['ttft_ms']:.1f} ms, decode "
-                f"{result['decode_tok_s']:.1f} tok/s, memory {result['peak_rss_mb']:.0f} MB of a "
-                f"{result['budget_mb']:.0f} MB budget ({result['method']['engine']} roofline)")
+        decode, ttft = result.get("decode_tok_s_range") or ["?", "?"], result.get("ttft_ms_range") or ["?", "?"]
+        return (f"{result['device']} (estimate, not measured): TTFT {result['ttft_ms']:.1f} ms "
+                f"(range {ttft[0]}-{ttft[1]}), decode {result['decode_tok_s']:.1f} tok/s (range {decode[0]}-{decode[1]}), "
+                f"memory {result['peak_rss_mb']:.0f} MB of a {result['budget_mb']:.0f} MB budget (engine "
+                f"{result['method']['engine']}; calibrated on published points, devices/CALIBRATION.md)")
     return _measured_line(result)
 
 
@@ -441,18 +447,23 @@ def devices_(as_json: bool) -> None:
 @click.argument("checkpoint")
 @click.option("--device", "device", required=True, help="A profile from `edge-export devices` (e.g. jetson-orin-nano-8gb).")
 @click.option("--context", default=8192, show_default=True, help="Tokens of context the KV cache must hold.")
-@click.option("--trace-tokens", default=4000, show_default=True, help="Length of the reasoning trace to time.")
-@click.option("--kv-cache", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
-              help="KV-cache precision to plan for; int8 where the target carries it (onnx/ort), fp16 elsewhere.")
+@click.option("--trace-tokens", type=int, default=None,
+              help="Length of the reasoning trace to time [default: 4000, or what fits --context after the prompt].")
+@click.option("--kv-cache", type=click.Choice(list(KV_CACHE_NAMES)), default=DEFAULT_KV_CACHE_NAME, show_default=True,
+              help="KV-cache precision to plan for (export's default); each target holds it where it can "
+                   "(int8: onnx/ort), else its own (tensorrt, coreml: fp16).")
+@click.option("--answer-latency", help="A time (30s, 2m, 500ms): report the longest thinking trace each option "
+                                       "finishes within it, the thinking_budget to set on that device.")
 @click.option("--json", "as_json", is_flag=True)
-def plan(checkpoint, device, context, trace_tokens, kv_cache, as_json):
-    """Which quantization and target to export for a device: sizes, fit and estimated speed.
+def plan(checkpoint, device, context, trace_tokens, kv_cache, answer_latency, as_json):
+    """Which quantization and target to export for a device: engine, sizes, fit and estimated speed.
 
-    CHECKPOINT is a folder, a .gguf, or a preset (r1-distill-qwen-7b or preset:r1-distill-qwen-7b),
-    so no weights are needed to plan.
+    CHECKPOINT is a preset (r1-distill-qwen-7b or preset:r1-distill-qwen-7b), a config.json, a folder
+    holding one (weights optional), or a .gguf: no weights are needed to plan.
     """
     from .plan import plan as make_plan, render_plan
-    result = make_plan(checkpoint, device, context=context, trace_tokens=trace_tokens, kv_cache=kv_cache)
+    result = make_plan(checkpoint, device, context=context, trace_tokens=trace_tokens, kv_cache=kv_cache,
+                       answer_latency=answer_latency)
     emit_json(result) if as_json else click.echo(render_plan(result))
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 from quantizers import default_rules
 from quantizers.schemes import Fp8Config, Int4Config, Int8Config, Rules
+from runtimes.capabilities import DEFAULT_KV_CACHE, TARGETS
 
 from .artifact import publish, staging_folder, write_manifest
 from .checkpoint import open_checkpoint
@@ -43,7 +44,7 @@ class ExportOptions:
     clip_search: bool = False  # int4: shrink each group's range where that lowers its squared error
     head: str = "int8"  # lm_head (and a tied embedding): int8 per row | int4 (the main scheme) | float
     max_context: int = 2048
-    kv_cache: str = "float32"  # float32 | float16 | int8 (onnx/ort: calibrated per-channel scales)
+    kv_cache: str = DEFAULT_KV_CACHE  # float32 | float16 | int8 (onnx/ort: calibrated per-channel scales)
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast on CPU), 0 = exact float
     device: str | None = None  # a device profile the artifact is for: its precisions are checked
     fp8_activations: bool | None = None  # fp8: also quantize each linear's input (per-tensor scale
@@ -58,9 +59,10 @@ class ExportOptions:
     via: str | None = None  # another exporter (EXPORTERS): optimum, for architectures outside the registry
 
 
-# KV-cache precisions beyond float32/float16 and the target/variants that carry them. int8 is
-# onnxruntime's GroupQueryAttention cache quantization (static per-channel scales, calibrated).
-KV_CACHE_TARGETS = {"int8": {("onnx", "ort")}}
+# KV-cache precisions beyond float32/float16 and the target/variants that carry them (declared in
+# runtimes.capabilities). int8 is onnxruntime's GroupQueryAttention cache quantization (static
+# per-channel scales, calibrated).
+KV_CACHE_TARGETS = {"int8": {tuple(name.split("/")) for name, t in TARGETS.items() if "int8" in t.kv_caches}}
 
 
 def check_kv_cache(options: ExportOptions, target: str, variant: str) -> None:

@@ -3,7 +3,8 @@
 Inputs are the JSON that ``edge-export bench --json`` prints (one object, or a list of them). The
 HTML page is self-contained (inline SVG, no script, nothing fetched): a table, decode tok/s and
 TTFT by device and quantization, and memory against the device's budget. Estimated figures are
-marked everywhere: an "estimate" cell, hatched and lighter bars, a legend entry.
+marked everywhere: an "estimate" cell, hatched and lighter bars with their calibration range as a
+dashed error bar, a legend entry.
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def table_rows(results: list[dict]) -> list[dict]:
                      "ttft_ms": r["ttft_ms"], "prefill_tok_s": r.get("prefill_tok_s"),
                      "memory_mb": r.get("peak_rss_mb"), "budget_mb": budget_mb(r),
                      "source": "estimate" if is_estimate(r) else "measured", "method": r.get("method"),
+                     "decode_range": r.get("decode_tok_s_range"), "ttft_range": r.get("ttft_ms_range"),
                      "engine_warning": (r.get("engine_layers") or {}).get("warning")})
     return rows
 
@@ -106,16 +108,24 @@ def charts(rows: list[dict]) -> list[BarChart]:
     groups = list(dict.fromkeys(r["device"] for r in rows))
     series = list(dict.fromkeys(_series(r, several) for r in rows))
 
-    def bars(value):
-        return {(r["device"], _series(r, several)): Bar(value(r), r["source"] == "estimate")
+    def bars(value, band=None):
+        return {(r["device"], _series(r, several)): Bar(value(r), r["source"] == "estimate",
+                                                        *_band(r.get(band) if band else None))
                 for r in rows if value(r) is not None}
 
     share = lambda r: 100 * r["memory_mb"] / r["budget_mb"] if r["memory_mb"] and r["budget_mb"] else None  # noqa: E731
     budgeted = {r["device"]: 100.0 for r in rows if share(r) is not None}
-    return [BarChart("Decode", "tokens/s", groups, series, bars(lambda r: float(r["decode_tok_s"]))),
-            BarChart("Time to first token", "ms", groups, series, bars(lambda r: float(r["ttft_ms"]))),
+    return [BarChart("Decode", "tokens/s", groups, series, bars(lambda r: float(r["decode_tok_s"]), "decode_range")),
+            BarChart("Time to first token", "ms", groups, series, bars(lambda r: float(r["ttft_ms"]), "ttft_range")),
             BarChart("Memory against budget", "% of the device's memory budget", groups, series, bars(share),
                      budgeted, "budget (100%)")]
+
+
+def _band(band) -> tuple[float | None, float | None]:
+    """An estimate's [low, high] range as two floats, or (None, None) when absent or malformed."""
+    if isinstance(band, (list, tuple)) and len(band) == 2 and all(isinstance(v, (int, float)) for v in band):
+        return float(band[0]), float(band[1])
+    return None, None
 
 
 def _cell(value) -> str:
@@ -126,11 +136,20 @@ def _cell(value) -> str:
     return str(value)
 
 
+RANGES = {"decode_tok_s": "decode_range", "ttft_ms": "ttft_range"}
+
+
+def _figure(row: dict, key: str) -> str:
+    """A table cell: the value, and an estimate's range after it."""
+    low, high = _band(row.get(RANGES.get(key, "")))
+    return _cell(row[key]) + (f" ({low:,.1f}-{high:,.1f})" if low is not None else "")
+
+
 def render_markdown(rows: list[dict], failures: list[dict] = ()) -> str:
     """The table, then a note of which rows are estimates, then the devices that failed."""
     lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        cells = [_cell(row[key]) for _, key in COLUMNS]
+        cells = [_figure(row, key) for _, key in COLUMNS]
         if row["source"] == "estimate":
             cells[-1] = "*estimate*"
         lines.append("| " + " | ".join(cells) + " |")
@@ -138,7 +157,9 @@ def render_markdown(rows: list[dict], failures: list[dict] = ()) -> str:
     lines.append("")
     if estimates:
         lines.append(f"Rows {', '.join(map(str, estimates))} ({len(estimates)} of {len(rows)}) are *estimates*: "
-                     "roofline figures from the device's spec sheet (devices/estimate.py), not measurements.")
+                     "figures from the device's spec sheet through the estimator calibrated on published "
+                     "measurements (devices/estimate.py), not measurements; the range in brackets is the spread "
+                     "of its calibration residuals.")
     else:
         lines.append(f"All {len(rows)} rows are measured.")
     for f in failures:
@@ -161,7 +182,7 @@ def render_html(rows: list[dict], failures: list[dict] = (), title: str = "edge-
     head = "".join(f"<th>{escape(name)}</th>" for name, _ in COLUMNS)
     body = []
     for row in rows:
-        cells = [f"<td>{escape(_cell(row[key]))}</td>" for _, key in COLUMNS[:-1]]
+        cells = [f"<td>{escape(_figure(row, key))}</td>" for _, key in COLUMNS[:-1]]
         cells.append(f'<td><span class="tag {row["source"]}">{row["source"]}</span></td>')
         body.append(f'<tr class="{row["source"]}">{"".join(cells)}</tr>')
     methods = [f"<li><b>{escape(r['device'])} {escape(str(r['quant']))}</b>: "
@@ -172,8 +193,9 @@ def render_html(rows: list[dict], failures: list[dict] = (), title: str = "edge-
     return "\n".join([
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{escape(title)}</title>",
         f"<style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>",
-        f"<p>{len(rows)} results, {n_est} of them <span class=\"tag estimate\">estimate</span> (roofline from "
-        f"spec sheets, hatched and lighter in the charts), the others measured. Generated {stamp}.</p>",
+        f"<p>{len(rows)} results, {n_est} of them <span class=\"tag estimate\">estimate</span> (calibrated "
+        "estimates from spec sheets, hatched and lighter in the charts, their calibration range drawn as a dashed "
+        f"error bar), the others measured. Generated {stamp}.</p>",
         f"<table><thead><tr>{head}</tr></thead><tbody>", *body, "</tbody></table>",
         *([f"<p>Failed, no figures: {'; '.join(escape(f['device'] + ': ' + f['error']) for f in failures)}</p>"]
           if failures else []),

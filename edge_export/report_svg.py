@@ -1,7 +1,8 @@
 """Grouped bar charts as inline SVG, written by hand (no plotting library, nothing fetched).
 
 Estimated bars are drawn lighter and hatched, with "(estimate)" in their tooltip and a legend
-entry; a group may carry a dashed marker line (a memory budget).
+entry; an estimate's calibration range is drawn over its bar as a dashed error bar; a group may
+carry a dashed marker line (a memory budget).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 720, 300, 64, 16, 36, 78
 class Bar:
     value: float
     estimated: bool
+    low: float | None = None  # the estimate's range, drawn as an error bar
+    high: float | None = None
 
 
 @dataclass
@@ -71,6 +74,20 @@ def _bar(x: float, w: float, y: float, h: float, color: str, bar: Bar, tip: str)
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" fill="url(#hatch)"/></g>']
 
 
+def _error_bar(x: float, w: float, bar: Bar, plot_h: float, top: float, unit: str) -> list[str]:
+    """The range of an estimate: a dashed vertical line with caps from ``low`` to ``high``."""
+    if bar.low is None or bar.high is None:
+        return []
+    y_low, y_high = (TOP + plot_h - plot_h * v / top for v in (bar.low, bar.high))
+    mid, cap = x + w / 2, min(6.0, w / 3)
+    tip = escape(f"estimate range {_fmt(bar.low)}-{_fmt(bar.high)} {unit} (calibration residuals)")
+    return [f'<g class="range"><title>{tip}</title>'
+            f'<line x1="{mid:.1f}" y1="{y_low:.1f}" x2="{mid:.1f}" y2="{y_high:.1f}" stroke="#333" '
+            f'stroke-width="1.5" stroke-dasharray="3 2"/>'
+            + "".join(f'<line x1="{mid - cap:.1f}" y1="{y:.1f}" x2="{mid + cap:.1f}" y2="{y:.1f}" stroke="#333" '
+                      f'stroke-width="1.5"/>' for y in (y_low, y_high)) + "</g>"]
+
+
 def _legend(chart: BarChart, y: float) -> list[str]:
     parts, x = [], LEFT
     for i, name in enumerate(chart.series):
@@ -82,6 +99,10 @@ def _legend(chart: BarChart, y: float) -> list[str]:
                      f'<rect x="{x}" y="{y}" width="12" height="12" fill="url(#hatch)"/>'
                      f'<text x="{x + 16}" y="{y + 10}" font-size="11">estimate (hatched, lighter)</text>')
         x += 190
+    if any(b.high is not None for b in chart.bars.values()):
+        parts.append(f'<line x1="{x + 6}" y1="{y}" x2="{x + 6}" y2="{y + 12}" stroke="#333" stroke-dasharray="3 2"/>'
+                     f'<text x="{x + 14}" y="{y + 10}" font-size="11">estimate range</text>')
+        x += 100
     if chart.markers:
         parts.append(f'<line x1="{x}" y1="{y + 6}" x2="{x + 14}" y2="{y + 6}" stroke="#c00" stroke-dasharray="4 3" '
                      f'stroke-width="2"/><text x="{x + 18}" y="{y + 10}" font-size="11">'
@@ -92,7 +113,7 @@ def _legend(chart: BarChart, y: float) -> list[str]:
 def render_svg(chart: BarChart) -> str:
     """The chart as one ``<svg>`` element (width 720 px)."""
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    top = _nice_top(max([b.value for b in chart.bars.values()] + list(chart.markers.values()) + [0]))
+    top = _nice_top(max([max(b.value, b.high or 0) for b in chart.bars.values()] + list(chart.markers.values()) + [0]))
     group_w = plot_w / max(1, len(chart.groups))
     bar_w = min(36.0, group_w * 0.8 / max(1, len(chart.series)))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
@@ -110,6 +131,7 @@ def render_svg(chart: BarChart) -> str:
             x, y = x0 + si * bar_w, TOP + plot_h - h
             parts += _bar(x + 1, bar_w - 2, y, h, COLORS[chart.series.index(name) % len(COLORS)], bar,
                           f"{group}, {name}: {_fmt(bar.value)} {chart.unit}")
+            parts += _error_bar(x + 1, bar_w - 2, bar, plot_h, top, chart.unit)
             parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{y - 3:.1f}" text-anchor="middle" font-size="10">'
                          f'{_fmt(bar.value)}</text>')
         if group in chart.markers:

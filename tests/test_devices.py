@@ -12,10 +12,16 @@ import devices
 from devices.calibration import MODELS, POINTS, calibration_points, held_out_points
 from devices.estimate import (EstimateError, Roofline, class_fit, estimate_result, point_errors, prefill_flops,
                               workload_from_bits)
+from devices.fit import MIN_POINTS, decode_residuals, point_ttft_s, prefill_residuals, spread
 from devices.profiles import ENGINE_CLASSES, PROFILES, QUANTS, ProfileError, get_profile, host_profile
+from runtimes.capabilities import (APPLE_GPU, CPU, DEFAULT_KV_CACHE, JETSON_CPU, JETSON_GPU, PHONE_NPU,
+                                   get_capabilities)
+from runtimes.models import get_architecture
 from devices.protocol import RESULT_FORMAT
 from edge_export.cli import main
-from edge_export.plan import plan
+from edge_export.errors import EdgeError
+from edge_export.export import ExportOptions
+from edge_export.plan import PlanError, export_workload, parse_latency, plan
 from edge_export.presets import preset_spec
 from edge_export.report import ReportError, load_results, write_report
 from runtimes.artifact import FORMAT, FORMAT_VERSION, MANIFEST
@@ -89,7 +95,18 @@ def test_calibration_covers_every_engine_class_and_keeps_points_out():
     assert all(p.excluded and not p.used_for_calibration for p in POINTS if p not in held_out_points()
                and p not in calibration_points())
     for engine in ENGINE_CLASSES:
-        assert 0.2 < class_fit(engine).decode_efficiency <= 1.0
+        fit = class_fit(engine)
+        assert 0.02 < fit.efficiency <= 1.0 and 0 <= fit.layer_s < 2e-3, fit  # jetson-cpu: ~0.06
+
+
+def test_held_out_points_cover_a_phone_1b_model_a_gpu_and_a_ttft():
+    """The held-out set tests a ~1B model on a phone, a ~1B model on a GPU, and a TTFT (and no
+    held-out point is one the fit saw). No sub-1B GPU point is held out: the only one published
+    (SmolLM2-135M on an Orin Nano Super) is what fits the Jetson's fixed cost (devices/CALIBRATION.md)."""
+    held = held_out_points()
+    assert any(p.device.startswith("snapdragon") and MODELS[p.model].parameter_count < 1.6e9 for p in held)
+    assert any(p.engine == JETSON_GPU and MODELS[p.model].parameter_count < 1.3e9 for p in held)
+    assert any(point_ttft_s(p) is not None for p in held)
 
 
 @pytest.mark.parametrize("point", held_out_points(), ids=lambda p: p.label)
@@ -98,6 +115,31 @@ def test_estimator_on_held_out_published_points(point):
     assert errors, point.label
     for figure, error in errors.items():
         assert abs(error) <= HELD_OUT_TOLERANCE, f"{point.label} {figure}: {error:+.0%}"
+
+
+def test_fixed_cost_per_layer_dominates_a_tiny_model():
+    """A sub-1B model's step is mostly the fixed per-layer cost; bytes alone (the old roofline)
+    would put SmolLM2-135M int4 on an Orin Nano Super at several hundred tok/s."""
+    work = workload_from_bits(MODELS["smollm2-135m"], "int4", 4.5, 4.5)
+    roof = Roofline.for_device("jetson-orin-nano-super", "tensorrt", "int4")
+    fixed = work.spec.num_layers * class_fit(JETSON_GPU).layer_s
+    assert fixed > 0.5 * roof.seconds_per_token(work, 256)
+    assert roof.decode_tok_s(work, 256) < 300
+
+
+def test_ranges_come_from_calibration_residuals():
+    for engine in ENGINE_CLASSES:
+        for figure in ("decode", "ttft"):
+            band = spread(engine, figure)
+            assert band.factor >= 1.0 and band.points >= MIN_POINTS
+            assert band.pooled == (len((decode_residuals if figure == "decode" else prefill_residuals)(engine))
+                                   < MIN_POINTS)
+    assert spread(APPLE_GPU, "decode").pooled  # two Core ML points: pooled, and the method says so
+    work = workload_from_bits(MODELS["llama-3.1-8b"], "int4", 4.5, 4.5)
+    result = estimate_result(work, "apple-m4", "coreml")
+    low, high = result["decode_tok_s_range"]
+    assert low < result["decode_tok_s"] < high and result["ttft_ms_range"][0] < result["ttft_ms"]
+    assert "pooled" in result["method"]["decode_range"]
 
 
 def test_decode_falls_as_the_kv_grows_and_trace_sums_it():
@@ -117,15 +159,32 @@ def test_fp8_refused_on_orin_with_the_reason():
     Roofline.for_device("jetson-agx-thor", "tensorrt", "fp8")
 
 
-def test_method_says_how_prefill_was_estimated():
-    work = workload_from_bits(MODELS["qwen2.5-7b"], "int4", 4.5, 4.5)
+def test_engine_is_the_one_that_runs_the_target_there():
+    """onnx/ort computes in fp32, and onnxruntime's CUDA GroupQueryAttention takes fp16 only: on a
+    Jetson it runs on the CPU; TensorRT is the GPU. Profiles read this from runtimes.capabilities."""
+    nano = get_profile("jetson-orin-nano-super")
+    assert nano.targets == {"onnx/ort": JETSON_CPU, "tensorrt": JETSON_GPU}
+    assert "GroupQueryAttention" in nano.engine_why("onnx/ort")
+    assert get_profile("snapdragon-8-elite").targets == {"onnx/ort": CPU, "onnx/qnn": PHONE_NPU}
+    assert get_profile("apple-a17-pro").targets == {"coreml": APPLE_GPU}
+    for profile in PROFILES.values():
+        for target, engine in profile.targets.items():
+            assert get_capabilities(target).engines[profile.kind].engine == engine
+
+
+def test_prefill_is_priced_at_the_graphs_compute_precision():
+    work = workload_from_bits(MODELS["qwen2.5-7b"], "int4", 4.5, 4.5, compute="int8")
+    cpu = Roofline.for_device("snapdragon-8-gen3", "onnx/ort")
+    float_work = workload_from_bits(MODELS["qwen2.5-7b"], "fp16", 16, 16, compute="float")
+    assert cpu.prefill_rate("int8")[0] > 2 * cpu.prefill_rate("float")[0]  # ExecuTorch: 260 vs 60 tok/s at 1B
+    assert cpu.ttft_s(float_work, 128) > cpu.ttft_s(work, 128)
+    assert "fitted on" in cpu.prefill_rate("int8")[1] and "cpu int8" in cpu.prefill_rate("int8")[1]
     nano = estimate_result(work, "jetson-orin-nano-8gb", "tensorrt")
-    assert "published fp16 peak" in nano["method"]["prefill"] and "assumed" in nano["method"]["prefill"]
+    assert "no published jetson-gpu prefill found" in nano["method"]["prefill"]
     phone = estimate_result(work, "snapdragon-8-gen3", "onnx/qnn", max_context=4096)
-    assert "no published fp16 peak" in phone["method"]["prefill"] and "fitted" in phone["method"]["prefill"]
-    iphone = estimate_result(work, "apple-a17-pro", "coreml")
-    assert "peak-to-bandwidth ratio" in iphone["method"]["prefill"]
-    assert "efficiency" in nano["method"]["decode"] and "GB/s" in nano["method"]["decode"]
+    assert "phone-npu" in phone["method"]["prefill"] and "fitted" in phone["method"]["prefill"]
+    assert "fixed per layer" in nano["method"]["decode"] and "GB/s" in nano["method"]["decode"]
+    assert nano["method"]["engine"] == JETSON_GPU and nano["engine"] == JETSON_GPU
 
 
 def test_estimate_device_reads_the_manifest(tmp_path):
@@ -133,11 +192,14 @@ def test_estimate_device_reads_the_manifest(tmp_path):
     result = devices.bench(str(art), "estimate:jetson-orin-nano-8gb", prompt_tokens=128, new_tokens=64)
     assert result["format"] == RESULT_FORMAT and result["measured"] is False and result["estimated"] is True
     assert result["device"] == "estimate:jetson-orin-nano-8gb" and result["quant"] == "int4"
-    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "model_bytes", "runs", "method"):
+    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "model_bytes", "runs", "method",
+                "decode_tok_s_range", "ttft_ms_range", "engine"):
         assert key in result
-    assert 5 < result["decode_tok_s"] < 30 and result["model_bytes"] == 5_170_000_000 + 7_000_000
+    assert result["engine"] == JETSON_CPU  # an onnx/ort artifact runs on the Jetson's CPU
+    assert 0.3 < result["decode_tok_s"] < 30 and result["model_bytes"] == 5_170_000_000 + 7_000_000
     portable = fake_artifact(tmp_path / "p", variant="portable")  # TensorRT ingests the portable ONNX
-    assert devices.bench(str(portable), "estimate:jetson-agx-thor")["target"] == "tensorrt"
+    thor = devices.bench(str(portable), "estimate:jetson-agx-thor")
+    assert thor["target"] == "tensorrt" and thor["engine"] == JETSON_GPU
     with pytest.raises(ProfileError, match="target onnx/ort does not run on apple-a17-pro"):
         devices.bench(str(art), "estimate:apple-a17-pro")
     with pytest.raises(ProfileError, match="does not run fp8"):
@@ -157,9 +219,77 @@ def test_plan_json_keys_and_fit_on_orin_nano():
     assert fits[("int4", "tensorrt")] and not fits[("fp16", "tensorrt")]
     assert [s["quant"] for s in p["skipped"]] == ["fp8"] and "SM89" in p["skipped"][0]["reason"]
     assert p["recommended"]["quant"] == "int4" and p["recommended"]["reason"]
-    int4 = next(o for o in p["options"] if o["quant"] == "int4")
-    assert int4["kv_bytes"] == 8192 * preset_spec("r1-distill-qwen-7b").kv_bytes_per_token(2)
-    assert int4["est_decode_tok_s_at_context"] < int4["est_decode_tok_s"]
+    spec = preset_spec("r1-distill-qwen-7b")
+    options = {(o["quant"], o["target"]): o for o in p["options"]}
+    ort, trt = options[("int4", "onnx/ort")], options[("int4", "tensorrt")]
+    # the same default as export's (float32) where the target takes it; TensorRT's engine keeps fp16
+    assert ExportOptions().kv_cache == DEFAULT_KV_CACHE == "float32" == p["kv_cache"] == ort["kv_cache"]
+    assert ort["kv_bytes"] == 8192 * spec.kv_bytes_per_token(4) and trt["kv_cache"] == "float16"
+    assert trt["kv_bytes"] == 8192 * spec.kv_bytes_per_token(2)
+    assert trt["est_decode_tok_s_at_context"] < trt["est_decode_tok_s"]
+    for option in p["options"]:
+        low, high = option["est_decode_tok_s_range"]
+        assert low < option["est_decode_tok_s"] < high and option["engine"] and option["engine_why"]
+    assert plan("r1-distill-qwen-7b", "jetson-orin-nano-8gb", kv_cache="int8")["options"][2]["kv_cache"] == "int8"
+
+
+def test_plan_engines_are_the_ones_that_run_there():
+    """No option claims an engine that cannot run it: onnx/ort on a Jetson is CPU, never jetson-gpu."""
+    for device in ("jetson-orin-nano-super", "jetson-agx-thor", "snapdragon-8-elite", "apple-m4", "raspberry-pi-5"):
+        for option in plan("preset:r1-distill-qwen-1.5b", device, context=4096)["options"]:
+            assert option["engine"] == get_profile(device).targets[option["target"]]
+            assert not (option["target"] == "onnx/ort" and option["engine"] == JETSON_GPU)
+
+
+def _config_folder(folder, preset="r1-distill-qwen-1.5b"):
+    spec = preset_spec(preset)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(get_architecture(spec.architecture).config_from_spec(spec)))
+    return folder
+
+
+def test_plan_from_config_json_alone(tmp_path):
+    """A folder holding only config.json, or the path to the file: no weights needed; weight bytes
+    come from the shapes the config implies, as for the preset of the same model."""
+    folder = _config_folder(tmp_path / "r1")
+    from_preset = plan("preset:r1-distill-qwen-1.5b", "snapdragon-8-elite", context=4096)
+    for source in (folder, folder / "config.json"):
+        planned = plan(str(source), "snapdragon-8-elite", context=4096)
+        assert planned["parameters"] == from_preset["parameters"]
+        assert [o["weight_bytes"] for o in planned["options"]] == [o["weight_bytes"] for o in from_preset["options"]]
+    cli = run("plan", str(folder), "--device", "jetson-orin-nano-super", "--context", "4096", "--json")
+    assert cli.exit_code == 0 and json.loads(cli.output)["trace_tokens"] == 4096 - 128
+    (folder / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "hidden_size": 64}))
+    refused = run("plan", str(folder), "--device", "jetson-orin-nano-super")
+    assert refused.exit_code == 2 and "MambaForCausalLM" in refused.output and "Traceback" not in refused.output
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PlanError, match="no config.json and no weights"):
+        plan(str(tmp_path / "empty"), "snapdragon-8-elite")
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(EdgeError, match="bad.json: config.json is not valid JSON"):
+        plan(str(tmp_path / "bad.json"), "snapdragon-8-elite")
+
+
+def test_plan_trace_tokens_default_fits_the_context():
+    p = plan("preset:r1-distill-qwen-1.5b", "jetson-orin-nano-super", context=4096)
+    assert p["trace_tokens"] == 4096 - 128
+    assert plan("preset:r1-distill-qwen-1.5b", "jetson-orin-nano-super")["trace_tokens"] == 4000
+
+
+def test_plan_answer_latency_gives_the_thinking_budget():
+    """The longest trace that finishes within the time: the next token would not."""
+    spec = preset_spec("r1-distill-qwen-1.5b")
+    short = plan("preset:r1-distill-qwen-1.5b", "jetson-orin-nano-super", context=8192, answer_latency="30s")
+    long = plan("preset:r1-distill-qwen-1.5b", "jetson-orin-nano-super", context=8192, answer_latency="1m")
+    for a, b in zip(short["options"], long["options"]):
+        roof = Roofline(get_profile("jetson-orin-nano-super"), a["target"])
+        work = export_workload(spec, a["quant"], a["target"])
+        budget = a["thinking_budget"]
+        assert 0 < budget <= b["thinking_budget"]
+        assert roof.trace_s(work, 128, budget, 8192) <= 30 < roof.trace_s(work, 128, budget + 1, 8192)
+    assert short["answer_latency_s"] == 30 and parse_latency("500ms") == 0.5 and parse_latency("2m") == 120
+    with pytest.raises(PlanError, match="--answer-latency 'soon' is not a positive time"):
+        parse_latency("soon")
 
 
 def test_plan_reads_a_checkpoint_folder(tiny_llama):
@@ -205,6 +335,10 @@ def test_report_html_has_table_plots_and_estimate_marks(tmp_path):
     assert "<td>jetson-orin-nano-8gb</td>" in html and "<td>snapdragon-8-elite</td>" in html and "<td>host</td>" in html
     assert html.count('<tr class="estimate">') == 2 and html.count('<tr class="measured">') == 1
     assert "estimate (hatched, lighter)" in html and "(estimate)</title>" in html and "budget (100%)" in html
+    # each estimate's calibration range: an error bar on its decode and TTFT bars, and in its table cells
+    assert html.count('<g class="range">') == 4 and "estimate range" in html
+    low, high = json.loads((tmp_path / "est.json").read_text())[0]["decode_tok_s_range"]
+    assert f"({low:,.1f}-{high:,.1f})" in html
 
 
 def test_report_markdown_notes_the_estimates(tmp_path):
@@ -273,6 +407,9 @@ def test_cli_devices_plan_report_bench(tmp_path):
     assert planned.exit_code == 0 and json.loads(planned.output)["recommended"]["quant"] == "int4"
     human = run("plan", "preset:r1-distill-qwen-1.5b", "--device", "snapdragon-8-elite")
     assert human.exit_code == 0 and "recommended: int4" in human.output and "skipped fp8" in human.output
+    short = run("plan", "preset:r1-distill-qwen-1.5b", "--device", "jetson-orin-nano-super", "--context", "4096",
+                "--answer-latency", "30s")
+    assert short.exit_code == 0 and "think@30s" in short.output and "onnx/ort runs on jetson-cpu" in short.output
     reported = run("report", *map(str, _results(tmp_path)), "-o", str(tmp_path / "r.html"))
     assert reported.exit_code == 0 and (tmp_path / "r.html").is_file()
     benched = run("bench", str(fake_artifact(tmp_path / "a")), "--device", "estimate:raspberry-pi-5", "--json")
@@ -284,6 +421,7 @@ def test_cli_devices_plan_report_bench(tmp_path):
     (["plan", "r1-distill-qwen-7b", "--device", "pixel-99"], "unknown device profile 'pixel-99'"),
     (["plan", "r1-distill-qwen-7b", "--device", "host", "--context", "1024", "--trace-tokens", "4000"],
      "--trace-tokens 4000"),
+    (["plan", "r1-distill-qwen-7b", "--device", "host", "--answer-latency", "fast"], "--answer-latency 'fast'"),
     (["report", "missing.json", "-o", "r.html"], "missing.json: no such file"),
     (["bench", "x", "--device", "estimate:nope"], "unknown device profile 'nope'"),
 ])
@@ -295,3 +433,47 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message, monkeypatch):
     assert out.exit_code == 2, out.output
     lines = out.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_calibration_results_file_says_what_the_code_computes():
+    """benchmarks/results/estimate_calibration.json (the figures devices/CALIBRATION.md and the README
+    cite) is regenerated whenever the points or the fit change."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "estimate_calibration.py"
+    spec = importlib.util.spec_from_file_location("estimate_calibration", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = json.loads(module.RESULTS.with_suffix(".json").read_text())
+    assert written == json.loads(json.dumps(module.summary())), "run python3 benchmarks/estimate_calibration.py"
+
+
+def test_every_export_target_declares_its_capabilities():
+    """Plan and the estimator read runtimes.capabilities: a target export can produce without a
+    declaration there could never be planned or estimated."""
+    from edge_export.export import KV_CACHE_TARGETS
+    from edge_export.targets import all_targets
+    from runtimes.capabilities import TARGETS
+    for target in all_targets():
+        names = [f"{target.name}/{v}" for v in target.variants] if len(target.variants) > 1 else [target.name]
+        for name in names:
+            capabilities = get_capabilities(name)
+            assert capabilities.kv_caches and capabilities.compute_precision("int4")
+    assert KV_CACHE_TARGETS == {"int8": {("onnx", "ort")}}  # export reads its KV carriers from the same place
+    assert all(engine.why for t in TARGETS.values() for engine in t.engines.values())
+
+
+def test_quickstart_estimate_lines_carry_range_engine_and_source(tmp_path):
+    """The quickstart's estimate lines: the artifact as it runs on each device (an onnx/ort graph on
+    the Jetson's CPU), and the same model as TensorRT int4 on the Jetson's GPU, each with its range."""
+    from edge_export.quickstart import estimate_line, gpu_estimate
+    manifest = json.loads((fake_artifact(tmp_path / "a", preset="r1-distill-qwen-1.5b") / MANIFEST).read_text())
+    gpu = gpu_estimate(manifest)
+    assert gpu["engine"] == JETSON_GPU and gpu["target"] == "tensorrt" and gpu["estimated"] is True
+    artifact = devices.bench(str(tmp_path / "a"), "estimate:jetson-orin-nano-super")
+    for estimate in (gpu, artifact):
+        line = estimate_line("estimated", estimate)
+        low, high = estimate["decode_tok_s_range"]
+        assert f"(range {low:.0f}-{high:.0f})" in line and f"engine {estimate['engine']}" in line
+        assert "devices/CALIBRATION.md" in line
+    assert "GroupQueryAttention" in estimate_line("estimated", artifact)

@@ -109,15 +109,15 @@ def test_int8_cache_needs_readable_calibration(tiny_llama, tmp_path):
 
 
 def test_plan_counts_an_int8_cache_where_it_is_carried():
-    fp16 = plan("preset:r1-distill-llama-8b", "snapdragon-8-gen3", context=32768, trace_tokens=4000)
+    fp16 = plan("preset:r1-distill-llama-8b", "snapdragon-8-gen3", context=32768, trace_tokens=4000, kv_cache="fp16")
     int8 = plan("preset:r1-distill-llama-8b", "snapdragon-8-gen3", context=32768, trace_tokens=4000, kv_cache="int8")
     rows = {(o["quant"], o["target"]): o for o in fp16["options"]}
     for o in int8["options"]:
         before = rows[(o["quant"], o["target"])]
         if o["target"] == "onnx/ort":
             assert o["kv_cache"] == "int8" and o["kv_bytes"] * 2 == before["kv_bytes"]
-        else:
-            assert o["kv_cache"] == "fp16" and o["kv_bytes"] == before["kv_bytes"]
+        else:  # onnx/qnn keeps its own 16-bit cache
+            assert o["kv_cache"] == before["kv_cache"] == "uint16" and o["kv_bytes"] == before["kv_bytes"]
     # R1-Distill-Llama-8B at 32k tokens: 4 GiB of fp16 cache, 2 GiB in int8
     assert rows[("int4", "onnx/ort")]["kv_bytes"] == 4 * 2**30
     assert json.loads(json.dumps(int8))["kv_cache"] == "int8"

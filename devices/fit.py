@@ -1,0 +1,363 @@
+"""Calibration of the step-time model on published points (devices/calibration.py).
+
+One decode step costs a fixed time per layer (kernel launches, synchronisation, per-layer
+overheads: what dominates a sub-1B model) plus the bytes it reads at the engine's share of the
+device's bandwidth:
+
+    step_s = layers x layer_s + (streamed weight bytes + KV bytes) / (efficiency x bandwidth)
+
+``layer_s`` and ``efficiency`` are fitted per engine class by least squares on relative error
+(efficiency <= 1, layer_s >= 0). A class whose points do not separate the two (fewer than three,
+or all with one layer count) borrows ``layer_s`` from the classes that fit one, and says so.
+
+Prefill runs at a compute rate fitted per (engine class, compute precision) as FLOP per byte of
+the device's bandwidth; where a class has no published prefill figure, the rate is the share of
+a published peak that the points on devices with published peaks reach, pooled across classes.
+
+Ranges: each class carries the leave-one-out log residuals of its calibration points (each point
+against a fit of the class's others); with fewer than three the residuals of every class are
+pooled, and the method says which.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtimes.capabilities import CPU, ENGINE_CLASSES, JETSON_CPU
+from runtimes.errors import EdgeError
+from runtimes.models import ModelSpec
+
+from .calibration import MODELS, PublishedPoint, calibration_points
+from .profiles import get_profile
+
+MIN_POINTS = 3  # fewer than this in a class: its fixed cost is borrowed and its residuals pooled
+# A class with no published prefill figure whose compute is another class's: the Jetson's Arm cores
+# run the same CPU kernels as a phone's.
+PREFILL_FROM = {JETSON_CPU: CPU}
+
+
+class EstimateError(EdgeError):
+    """An estimate cannot be made (no profile named, an artifact the estimator cannot read)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model as the estimator sees it. Bytes are stored bytes (scales included).
+
+    ``embedding_bytes``: the token-embedding table, gathered one row per token and so not
+    streamed (0 when tied: the table is then read whole as the output projection).
+    ``compute``: the precision prefill computes in (runtimes.capabilities).
+    """
+
+    spec: ModelSpec
+    weight_bytes: int
+    embedding_bytes: int
+    precision: str
+    kv_bytes_per_element: int = 2
+    compute: str = "fp16"
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Weight bytes read per decoded token."""
+        return self.weight_bytes - self.embedding_bytes
+
+    def kv_bytes(self, tokens: int) -> int:
+        return self.spec.kv_bytes_per_token(self.kv_bytes_per_element) * tokens
+
+
+def output_params(spec: ModelSpec) -> int:
+    return spec.vocab_size * spec.hidden_size
+
+
+def compute_params(spec: ModelSpec) -> int:
+    """Parameters every token multiplies through (all but an untied embedding table)."""
+    return spec.parameter_count - (0 if spec.tied_embeddings else output_params(spec))
+
+
+def workload_from_bits(spec: ModelSpec, precision: str, body_bits: float, head_bits: float,
+                       compute: str = "fp16") -> Workload:
+    """A Workload from bits per weight: ``head_bits`` for the output projection (and an untied
+    embedding table), ``body_bits`` for everything else."""
+    head = output_params(spec)
+    tables = 1 if spec.tied_embeddings else 2
+    body = spec.parameter_count - tables * head
+    embedding = 0 if spec.tied_embeddings else int(head * head_bits / 8)
+    return Workload(spec, int(body * body_bits / 8 + head * head_bits / 8) + embedding, embedding, precision,
+                    compute=compute)
+
+
+def prefill_flops(spec: ModelSpec, tokens: int) -> float:
+    """FLOPs of a prefill of ``tokens``: 2 x compute parameters x tokens, plus causal attention
+    (QK^T and AV: 2 x head_dim x T(T+1) per head and layer)."""
+    attention = 2 * spec.num_layers * spec.num_heads * spec.head_dim * tokens * (tokens + 1)
+    return 2.0 * compute_params(spec) * tokens + attention
+
+
+def step_s(work: Workload, kv_tokens: int, layer_s: float, efficiency: float, bandwidth: float) -> float:
+    """Seconds of one decode step with ``kv_tokens`` in the cache (bandwidth in bytes/s)."""
+    read = work.streamed_bytes + work.kv_bytes(kv_tokens)
+    return work.spec.num_layers * layer_s + read / (efficiency * bandwidth)
+
+
+def ttft_s(work: Workload, prompt_tokens: int, rate: float, layer_s: float, weight_pass_s: float) -> float:
+    """Seconds to the first token: the prefill's compute or one weight pass, whichever is longer,
+    plus the fixed cost of one pass through the layers (``rate`` in FLOP/s)."""
+    return max(prefill_flops(work.spec, prompt_tokens) / rate, weight_pass_s) + work.spec.num_layers * layer_s
+
+
+# ---- the fit ----------------------------------------------------------------------------------
+def point_workload(point: PublishedPoint) -> Workload:
+    return workload_from_bits(MODELS[point.model], point.precision, point.body_bits, point.head_bits, point.compute)
+
+
+def point_bandwidth(point: PublishedPoint) -> float:
+    """Bytes/s: the point's own measured bandwidth where it has one, else its profile's."""
+    if point.bandwidth_gb_s:
+        return point.bandwidth_gb_s * 1e9
+    return get_profile(point.device).bandwidth_bytes_s
+
+
+def _solve(points: list[PublishedPoint], layer_s: float | None) -> tuple[float, float]:
+    """(layer_s, efficiency) minimising relative decode error; ``layer_s`` given: efficiency only."""
+    rows, target = [], []
+    for p in points:
+        work = point_workload(p)
+        t = 1 / p.decode_tok_s
+        read = (work.streamed_bytes + work.kv_bytes(p.decode_context)) / point_bandwidth(p) / t
+        # a measured bandwidth is already an achieved rate (efficiency 1, as for the host profile):
+        # what the bytes do not explain there is fixed cost
+        rows.append([work.spec.num_layers / t, 0.0 if p.bandwidth_gb_s else read])
+        target.append(1.0 - (read if p.bandwidth_gb_s else 0.0))
+    a, b = np.array(rows), np.array(target)
+    if layer_s is None:
+        (layer_s, inverse), *_ = np.linalg.lstsq(a, b, rcond=None)
+        if layer_s < 0 or inverse < 1:  # outside the physical region: fix the bound that broke, refit the other
+            layer_s = max(layer_s, 0.0)
+            if inverse < 1:
+                return _solve_layer(a, b), 1.0
+    inverse = max(1.0, float(a[:, 1] @ (b - a[:, 0] * layer_s) / (a[:, 1] @ a[:, 1])))
+    return float(layer_s), 1 / inverse
+
+
+def _solve_layer(a: np.ndarray, b: np.ndarray) -> float:
+    """layer_s with efficiency pinned at 1 (bytes at the full bandwidth)."""
+    return max(0.0, float(a[:, 0] @ (b - a[:, 1]) / (a[:, 0] @ a[:, 0])))
+
+
+def _separable(points: list[PublishedPoint]) -> bool:
+    return len(points) >= MIN_POINTS and len({MODELS[p.model].num_layers for p in points}) > 1
+
+
+@dataclass(frozen=True)
+class ClassFit:
+    """What calibration gives one engine class. ``layer_s``: fixed seconds per layer and step;
+    ``efficiency``: share of peak bandwidth the bytes move at; ``layer_from``: where ``layer_s``
+    comes from ("fitted" or "borrowed: ...")."""
+
+    engine: str
+    efficiency: float
+    layer_s: float
+    points: int
+    layer_from: str
+
+
+def _points(engine: str) -> list[PublishedPoint]:
+    points = calibration_points(engine, "decode")
+    if not points:
+        raise EstimateError(f"no calibration point for engine class '{engine}' in devices/calibration.py")
+    return points
+
+
+@functools.cache
+def borrowed_layer_s() -> tuple[float, str]:
+    """The median fixed cost per layer of the classes whose points fit one, and which they are."""
+    fitted = {e: _solve(calibration_points(e, "decode"), None)[0] for e in ENGINE_CLASSES
+              if _separable(calibration_points(e, "decode"))}
+    return statistics.median(fitted.values()), ", ".join(fitted)
+
+
+@functools.cache
+def class_fit(engine: str) -> ClassFit:
+    """The class's fit (see module doc)."""
+    points = _points(engine)
+    if _separable(points):
+        layer_s, efficiency = _solve(points, None)
+        return ClassFit(engine, efficiency, layer_s, len(points), "fitted")
+    layer_s, sources = borrowed_layer_s()
+    _, efficiency = _solve(points, layer_s)
+    return ClassFit(engine, efficiency, layer_s, len(points),
+                    f"borrowed: median of the classes that fit one ({sources}); {engine}'s points do not separate "
+                    "it from the efficiency")
+
+
+def point_efficiency(point: PublishedPoint, efficiency: float) -> float:
+    """The class's efficiency, or 1 for a point whose bandwidth was measured (an achieved rate)."""
+    return 1.0 if point.bandwidth_gb_s else efficiency
+
+
+def decode_estimate_s(point: PublishedPoint) -> float:
+    fit = class_fit(point.engine)
+    return step_s(point_workload(point), point.decode_context, fit.layer_s, point_efficiency(point, fit.efficiency),
+                  point_bandwidth(point))
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+def point_ttft_s(point: PublishedPoint) -> float | None:
+    """The published time to first token in seconds (from a prefill rate if that is what is published)."""
+    if point.ttft_ms and point.prompt_tokens:
+        return point.ttft_ms / 1000
+    if point.prefill_tok_s and point.prompt_tokens:
+        return point.prompt_tokens / point.prefill_tok_s
+    return None
+
+
+def point_prefill_rate(point: PublishedPoint) -> float | None:
+    """The compute rate (FLOP/s) a published prefill implies, net of the fixed per-layer cost."""
+    ttft = point_ttft_s(point)
+    if ttft is None:
+        return None
+    work = point_workload(point)
+    compute_s = ttft - work.spec.num_layers * class_fit(point.engine).layer_s
+    return prefill_flops(work.spec, point.prompt_tokens) / max(compute_s, 1e-6)
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+@dataclass(frozen=True)
+class PrefillFit:
+    """How prefill is priced: ``per_byte`` FLOP per byte/s of bandwidth, or ``peak_share`` of a
+    published peak, with the words that say which and from what."""
+
+    per_byte: float | None
+    peak_share: float | None
+    points: int
+    how: str
+
+
+@functools.cache
+def prefill_fit(engine: str, compute: str, without: PublishedPoint | None = None) -> PrefillFit:
+    """Per (class, compute): FLOP per byte of bandwidth over the class's prefill points of that
+    compute; else over the class's points of any compute; else a share of published peaks.
+    ``without``: a point left out (for the ranges)."""
+    own = [p for p in calibration_points(engine, "prefill") if p is not without]
+    lender = PREFILL_FROM.get(engine)
+    lent = [p for p in calibration_points(lender, "prefill") if p is not without] if lender and not own else []
+    for points, what in (([p for p in own if p.compute == compute], f"{engine} {compute}"),
+                         (own, f"{engine} (other compute precisions)"),
+                         ([p for p in lent if p.compute == compute], f"{lender} {compute} (no published {engine} "
+                                                                     "prefill; same kernels)")):
+        ratios = [r / point_bandwidth(p) for p in points if (r := point_prefill_rate(p))]
+        if ratios:
+            return PrefillFit(_geomean(ratios), None, len(ratios), f"fitted on {len(ratios)} published {what} "
+                                                                   "prefill point(s)")
+    shares = [r / peak for p in calibration_points(figure="prefill") if p is not without
+              and (r := point_prefill_rate(p)) and (peak := get_profile(p.device).peak_flops(p.compute))]
+    if not shares:
+        raise EstimateError(f"no published prefill point calibrates {engine} and none gives a share of a peak")
+    return PrefillFit(None, _geomean(shares), len(shares),
+                      f"no published {engine} prefill found: share of the published peak reached by the "
+                      f"{len(shares)} point(s) on devices that publish one, pooled across classes")
+
+
+def prefill_rate_s(fit: PrefillFit, bandwidth: float, peak: float | None) -> float | None:
+    """FLOP/s from a prefill fit on a device of ``bandwidth`` bytes/s and a published ``peak``."""
+    if fit.per_byte:
+        return fit.per_byte * bandwidth
+    return fit.peak_share * peak if peak else None
+
+
+def point_estimate_ttft_s(point: PublishedPoint) -> float:
+    """The estimator's TTFT for a point's prompt on its device and engine class."""
+    fit, work, bandwidth = class_fit(point.engine), point_workload(point), point_bandwidth(point)
+    rate = prefill_rate_s(prefill_fit(point.engine, point.compute), bandwidth,
+                          get_profile(point.device).peak_flops(point.compute))
+    weight_pass = step_s(work, point.prompt_tokens, 0.0, point_efficiency(point, fit.efficiency), bandwidth)
+    return ttft_s(work, point.prompt_tokens, rate, fit.layer_s, weight_pass)
+
+
+# ---- residuals and ranges -------------------------------------------------------------------------
+def _fit_without(points: list[PublishedPoint], left_out: PublishedPoint) -> tuple[float, float]:
+    """(layer_s, efficiency) of a class fitted without one of its points."""
+    rest = [p for p in points if p is not left_out]
+    return _solve(rest, None if _separable(rest) else borrowed_layer_s()[0])
+
+
+@functools.cache
+def decode_fits(engine: str) -> tuple[tuple[float, float], ...]:
+    """(layer_s, efficiency) of the class's fit and of each of its leave-one-out fits."""
+    fit, points = class_fit(engine), calibration_points(engine, "decode")
+    return ((fit.layer_s, fit.efficiency), *(_fit_without(points, p) for p in points if len(points) > 1))
+
+
+@functools.cache
+def prefill_fits(engine: str, compute: str) -> tuple[PrefillFit, ...]:
+    """The (class, compute) prefill fit and each fit with one calibration point left out."""
+    fits = [prefill_fit(engine, compute)]
+    for p in calibration_points(figure="prefill"):
+        try:
+            fits.append(prefill_fit(engine, compute, p))
+        except EstimateError:  # the point was the only one the fit had: nothing to leave it out of
+            continue
+    return tuple(dict.fromkeys(fits))
+
+
+def decode_residuals(engine: str | None = None) -> list[float]:
+    """log(published / estimate) of the decode rate over the calibration points (of one class)."""
+    return [math.log(p.decode_tok_s * decode_estimate_s(p)) for p in calibration_points(engine, "decode")]
+
+
+def prefill_residuals(engine: str | None = None) -> list[float]:
+    """log(estimated / published TTFT) over the calibration points with a published prefill."""
+    return [math.log(point_estimate_ttft_s(p) / t) for p in calibration_points(engine, "prefill")
+            if (t := point_ttft_s(p)) is not None]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A symmetric widening in log space: ``factor`` = exp(largest |calibration residual|)."""
+
+    factor: float
+    points: int
+    pooled: bool
+
+    def band(self, values: list[float], digits: int = 1) -> list[float]:
+        """[low, high]: the span of ``values`` (the estimate under each leave-one-out fit), widened."""
+        return [round(min(values) / self.factor, digits), round(max(values) * self.factor, digits)]
+
+    def words(self, figure: str, engine: str) -> str:
+        where = (f"pooled over all classes' {self.points} points ({engine} has fewer than {MIN_POINTS}; for decode, "
+                 "leave-one-out residuals)" if self.pooled else f"over {self.points} {engine} points")
+        return (f"{figure} range: the estimates of the class's leave-one-out fits for this model, widened by "
+                f"x/÷ {self.factor:.2f}, the largest calibration residual {where}")
+
+
+def loo_decode_residuals() -> list[float]:
+    """log(published / estimate) of each decode calibration point against a fit of its class's
+    other points (classes with at least two points)."""
+    residuals = []
+    for engine in ENGINE_CLASSES:
+        points = calibration_points(engine, "decode")
+        for p in points if len(points) > 1 else ():
+            layer_s, efficiency = _fit_without(points, p)
+            t = step_s(point_workload(p), p.decode_context, layer_s, point_efficiency(p, efficiency),
+                       point_bandwidth(p))
+            residuals.append(math.log(p.decode_tok_s * t))
+    return residuals
+
+
+@functools.cache
+def spread(engine: str, figure: str) -> Spread:
+    """The widening for ``figure`` (decode | ttft) of ``engine``: its own residuals; a class with
+    fewer than MIN_POINTS has no leave-one-out fits to span its uncertainty, so its decode widens
+    by the largest leave-one-out residual of all classes, and its TTFT by all classes' residuals."""
+    residuals = {"decode": decode_residuals, "ttft": prefill_residuals}[figure]
+    own = residuals(engine)
+    pooled = len(own) < MIN_POINTS
+    values = own if not pooled else loo_decode_residuals() if figure == "decode" else residuals()
+    return Spread(math.exp(max(abs(r) for r in values)), len(values), pooled)
