@@ -206,7 +206,9 @@ def _sampling_options(f):
         click.option("--max-new-tokens", default=512, show_default=True),
         click.option("--thinking-budget", type=int, help="Close </think> after this many thinking tokens."),
         click.option("--temperature", type=float, help="Default: the model's (R1: 0.6). 0 = greedy."),
-        click.option("--top-p", type=float), click.option("--seed", type=int)]):
+        click.option("--top-p", type=float), click.option("--seed", type=int),
+        click.option("--stop", multiple=True, help="End the answer at this string (not returned; repeatable); "
+                     "the thinking is never cut.")]):
         f = option(f)
     return f
 
@@ -233,13 +235,13 @@ def targets(as_json):
 @click.option("--hide-thinking", is_flag=True, help="Print only the answer.")
 @click.option("--json", "as_json", is_flag=True)
 def run(artifact, prompt, backend, provider, threads, max_new_tokens, thinking_budget, temperature, top_p, seed,
-        hide_thinking, as_json):
+        stop, hide_thinking, as_json):
     """Answer PROMPT with ARTIFACT, streaming (thinking dimmed, answer plain)."""
     import runtimes
     rt = runtimes.load(artifact, backend=backend, provider=provider, threads=threads)
     result = runtimes.Result()
     sampling = dict(max_new_tokens=max_new_tokens, thinking_budget=thinking_budget, temperature=temperature,
-                    top_p=top_p, seed=seed)
+                    top_p=top_p, seed=seed, stop=stop)
     for event in rt.stream(prompt, result=result, **sampling):
         if not as_json:
             _render(event, hide_thinking)
@@ -263,13 +265,13 @@ def _render(event, hide_thinking: bool) -> None:
 @_sampling_options
 @click.option("--hide-thinking", is_flag=True)
 def chat(artifact, backend, provider, threads, max_new_tokens, thinking_budget, temperature, top_p, seed,
-         hide_thinking):
+         stop, hide_thinking):
     """Talk with ARTIFACT over several turns (Ctrl-D or /exit to leave)."""
     import runtimes
     rt = runtimes.load(artifact, backend=backend, provider=provider, threads=threads)
     history = []
     sampling = dict(max_new_tokens=max_new_tokens, thinking_budget=thinking_budget, temperature=temperature,
-                    top_p=top_p, seed=seed)
+                    top_p=top_p, seed=seed, stop=stop)
     while True:
         try:
             text = input("> ")
@@ -287,6 +289,40 @@ def chat(artifact, backend, provider, threads, max_new_tokens, thinking_budget, 
         click.echo()
         # earlier turns keep only their answer, as R1's template does with thinking
         history.append({"role": "assistant", "content": result.answer.strip()})
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; another than loopback needs --api-key (or --insecure).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", envvar="EDGE_EXPORT_API_KEY", help="Requests must send Authorization: Bearer KEY "
+              "(default: $EDGE_EXPORT_API_KEY).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.option("--max-queue", default=16, show_default=True,
+              help="Requests admitted at once (the one generating and those waiting); past it, 429 with Retry-After.")
+@click.option("--request-timeout", default=600.0, show_default=True,
+              help="Seconds from arrival to the last token; past it 504 (a stream ends with an error event).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
+@click.option("--model-name", help="The model id in /v1/models and responses (default: the artifact's folder name).")
+@click.option("--reasoning-budget", "reasoning_budgets", multiple=True, metavar="LEVEL=TOKENS",
+              help="Thinking tokens for reasoning_effort LEVEL (low=256, medium=1024, high=4096 by default; "
+                   "TOKENS may be none). Repeatable.")
+@click.option("--backend", help="Override the manifest's backend (e.g. reference).")
+@click.option("--provider", help="Execution provider: cpu, cuda, coreml, qnn, ...")
+@click.option("--threads", type=int, help="Intra-op threads.")
+def serve(artifact, host, port, api_key, insecure, max_queue, request_timeout, max_body_bytes, model_name,
+          reasoning_budgets, backend, provider, threads):
+    """Serve ARTIFACT by OpenAI's chat-completions protocol (thinking in reasoning_content).
+
+    Endpoints: POST /v1/chat/completions (streamed or not), GET /v1/models, /health, /metrics
+    (Prometheus), /openapi.json. Needs pip install 'edge-export[serve]'."""
+    from runtimes.server import ServeConfig, parse_budgets, serve as run_server
+    config = ServeConfig(host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
+                         request_timeout_s=request_timeout, max_body_bytes=max_body_bytes, model_name=model_name,
+                         reasoning_budgets=parse_budgets(reasoning_budgets))
+    config.check_bind()
+    run_server(artifact, config=config, backend=backend, provider=provider, threads=threads)
 
 
 @main.command(name="eval")
