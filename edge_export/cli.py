@@ -363,7 +363,9 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cli
 @click.argument("artifact")
 @click.option("--device", "device_specs", multiple=True, default=("host",), show_default=True,
               help="host; ssh://[user@]host[:port][/folder] (a Linux board, through your ssh config); "
-                   "adb://SERIAL (an Android device, with --runner); estimate:PROFILE for a roofline estimate "
+                   "adb://SERIAL (an Android device, with --runner); http://HOST:PORT[/v1] (an OpenAI-compatible "
+              "server running the same model, e.g. edge-export serve or llama.cpp's; ARTIFACT may then be the "
+              "checkpoint, for its tokenizer); estimate:PROFILE for a roofline estimate "
                    "(profiles: `edge-export devices`). Repeat it to benchmark several devices at once, each in its "
                    "own thread (host runs alone after the others): runs on one machine share its cores and disturb "
                    "each other's timings, so a device may be listed once. @FILE reads devices from a file, one "
@@ -378,20 +380,24 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cli
 @click.option("--runner", type=click.Path(dir_okay=False, exists=True),
               help="adb:// only: the benchmark binary to push and run (onnxruntime-genai's model_benchmark).")
 @click.option("--timeout", default=3600, show_default=True, help="Seconds the benchmark may run on the device.")
+@click.option("--model", help="http:// only: the server's model name (default: the first in its /v1/models).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result object; with several --device, a list of them (a failed device: "
                    "{device, error}).")
 @click.pass_context
 def bench(ctx, artifact, device_specs, prompt_tokens, new_tokens, runs, warmup, threads, backend, long_context, runner,
-          timeout, as_json):
+          timeout, model, as_json):
     """Time ARTIFACT by the shared protocol (prompt, greedy tokens, warm-up, medians).
 
     With several --device, every device gets its own line (or JSON entry) and the exit code is 2
     if any of them failed; the others' results are kept."""
     import devices
     options = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads,
-                   backend=backend, long_context=long_context or None, runner=runner, timeout=timeout)
+                   backend=backend, long_context=long_context or None, runner=runner, timeout=timeout, model=model)
     device_specs = _expand_device_files(device_specs)
+    if any(spec.startswith(("http://", "https://")) for spec in device_specs):
+        from .checkpoint import checkpoint_tokenizer
+        options["tokenizer"] = checkpoint_tokenizer(artifact)
     if len(device_specs) == 1:
         result = devices.bench(artifact, device_specs[0], **options)
         emit_json(result) if as_json else click.echo(_result_line(result))
