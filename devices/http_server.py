@@ -144,14 +144,16 @@ def timed_stream(endpoint: Endpoint, body: dict) -> dict:
         resp = conn.getresponse()
         if resp.status != 200:
             raise ServerBenchError(f"{endpoint.url}: HTTP {resp.status}: {_error_text(resp.read())}")
-        return _read_events(resp, t0, endpoint.url)
+        return read_events(resp, t0, endpoint.url)
     except OSError as e:
         raise ServerBenchError(f"{endpoint.url}: the stream broke off ({e})") from None
     finally:
         conn.close()
 
 
-def _read_events(resp, t0: float, url: str) -> dict:
+def read_events(resp, t0: float, url: str) -> dict:
+    """A chat-completions event stream -> seconds to the first and last text delta (from t0), the
+    completion and prompt tokens (the usage chunk where the server sends one), and the text."""
     times, pieces, usage = [], [], None
     for raw in resp:
         line = raw.decode("utf-8").strip()

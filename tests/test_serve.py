@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
+import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
 import pytest
+import schemathesis
+from click.testing import CliRunner
+from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 import runtimes
+from edge_export.cli import main
 from runtimes.server import ServeConfig, running
 
 KEY = "test-key-0123"
@@ -161,7 +170,7 @@ def test_max_completion_tokens_and_history(r1_server, r1_reference):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"extra_body": {"top_k": 5}}, "top_k"), ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"), ({"temperature": -1}, "temperature"),
-    ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"top_p": 0}, "top_p"), ({"seed": -1}, "seed"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"extra_body": {"thinking_budget": "10"}}, "thinking_budget"), ({"messages": []}, "messages"),
 ])
 def test_unsupported_or_malformed_fields_get_400_naming_them(r1_server, fields, named):
@@ -196,6 +205,8 @@ def test_key_body_limit_and_malformed_json(r1_server):
     assert status == 413 and body["error"]["code"] == "request_too_large"
     status, body = raw(r1_server, "POST", "/v1/chat/completions", '{"messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = raw(r1_server, "POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}')
+    assert status == 400 and body["error"]["param"] == "messages[0]" and "surrogate" in body["error"]["message"]
 
 
 def raw(url: str, method: str, path: str, body=None, key: str | None = KEY, chunked: bool = False):
@@ -332,3 +343,77 @@ def test_smollm2_answers_like_the_runtime(smollm2_int4_artifact):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message.content
     assert cut.choices[0].message.content == expected.answer[:expected.answer.index(stop)].strip()
     assert cut.choices[0].finish_reason == "stop"
+
+
+# ---- the OpenAPI document, fuzzed ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fuzz_schema(r1_server):
+    return schemathesis.openapi.from_url(r1_server + "/openapi.json")
+
+
+FUZZ = schemathesis.pytest.from_fixture("fuzz_schema")
+FUZZ_EXAMPLES = int(os.environ.get("EDGE_SERVE_FUZZ_EXAMPLES", "40"))  # per operation; raise it for a longer hunt
+FUZZ_TOKENS = 4  # generations are cut to this many tokens so the fuzzing stays quick; every other field is as drawn
+
+
+@FUZZ.parametrize()
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_openapi_fuzzed_never_5xx(case):
+    body = case.body
+    if isinstance(body, dict):
+        for name in ("max_tokens", "max_completion_tokens"):
+            if type(body.get(name)) is int and body[name] > FUZZ_TOKENS:
+                body[name] = FUZZ_TOKENS
+        if "max_tokens" not in body and "max_completion_tokens" not in body:
+            body["max_tokens"] = FUZZ_TOKENS
+    response = case.call(headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert response.status_code < 500, (case.body, response.text[:500])
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) >= {"message", "type"}
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_and_bench_over_http(r1_tiny_artifact, tmp_path):
+    """`edge-export serve` in its own process, timed by `bench --device http://...` (the tokenizer
+    from the artifact, then from the checkpoint), then stopped by Ctrl-C."""
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(root))
+    server = subprocess.Popen([sys.executable, "-m", "edge_export.cli", "serve", str(r1_tiny_artifact), "--port",
+                               str(port), "--model-name", "tiny-r1"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: server.poll() is None and _healthy(url), "the server to start", 60)
+        args = ["bench", str(r1_tiny_artifact), "--device", url + "/v1", "--prompt-tokens", "32", "--new-tokens", "8",
+                "--runs", "2", "--warmup", "1", "--json"]
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code == 0, out.output
+        result = json.loads(out.output)
+        assert result["measured"] and result["model"] == "tiny-r1" and result["device"] == url + "/v1"
+        assert result["ttft_ms"] > 0 and result["decode_tok_s"] > 0 and result["completion_tokens"] == 8
+        assert result["prompt_tokens"] == 32 and result["server_prompt_tokens"] > 32  # the template's tokens too
+        assert "peak_rss_mb" not in result and "model_bytes" not in result  # a server cannot tell them
+        checkpoint = r1_tiny_artifact.parent / "checkpoint"
+        again = json.loads(CliRunner().invoke(main, args[:1] + [str(checkpoint)] + args[2:]).output)
+        assert again["prompt_sha1"] == result["prompt_sha1"]  # the same prompt ids from the checkpoint's tokenizer
+        refused = CliRunner().invoke(main, ["bench", str(r1_tiny_artifact), "--device", "http://127.0.0.1:1/v1"])
+        assert refused.exit_code == 2 and "cannot reach the server" in refused.output
+    finally:
+        server.send_signal(signal.SIGINT)
+        log, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, log
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in log
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return raw(url, "GET", "/health", key=None)[0] == 200
+    except OSError:
+        return False

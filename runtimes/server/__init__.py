@@ -59,7 +59,11 @@ def serve(artifact_or_runtime, host: str = "127.0.0.1", port: int = 8000, config
     config = config or ServeConfig(host=host, port=port)
     config.check_bind()
     _require()
-    _uvicorn_server(create_app(artifact_or_runtime, config, **load_options), config, log_level).run()
+    server = _uvicorn_server(create_app(artifact_or_runtime, config, **load_options), config, log_level)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C / SIGTERM it shut down on: stopping is the normal end
+        log.info("server on %s:%s stopped", config.host, config.port)
 
 
 @contextlib.contextmanager

@@ -49,6 +49,11 @@ class Message(BaseModel):
             raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
         if self.reasoning_content is not None and self.role != "assistant":
             raise ValueError("reasoning_content belongs to assistant messages only")
+        texts = [self.content] if isinstance(self.content, str) else [p.text for p in self.content or []]
+        try:  # JSON may carry lone surrogates ("\ud800"); no tokenizer can encode them
+            [t.encode("utf-8") for t in texts]
+        except UnicodeEncodeError:
+            raise ValueError("content is not valid Unicode (it holds a lone surrogate escape)") from None
         return self
 
     def to_template(self) -> dict:
@@ -81,7 +86,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0)
     stop: Optional[Union[str, list[str]]] = Field(None, description="up to 4 strings that end the answer")
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
