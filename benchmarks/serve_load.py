@@ -285,7 +285,7 @@ def load(artifact: Path, work: Path, per_client: int = 50, sequential: int = 100
 
 # ---- the table ----------------------------------------------------------------------------------
 def markdown(data: dict) -> str:
-    o, p, c = data["overhead"], data["peers"], data["load"]
+    o, p = data["overhead"], data["peers"]
     rows = [("in-process (runtimes)", o["in-process"], ""),
             ("over HTTP (edge-export serve)", o["http"], f"http ÷ in-process {1 / o['decode_ratio_median']:.3f}"),
             ("edge-export serve", p["edge-export serve"], f"edge-export ÷ llama.cpp {p['decode_ratio_median']:.3f}"),
@@ -294,6 +294,9 @@ def markdown(data: dict) -> str:
              "decode ratio (median over rounds) |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {s['runs']} | {s['ttft_ms']} | {s['decode_tok_s']} | {s['completion_tokens']} | {ratio} |"
               for name, s, ratio in rows]
+    if "load" not in data:
+        return "\n".join(lines) + "\n"
+    c = data["load"]
     cc, sq, sm = c["concurrent"], c["sequential"], c["small_queue"]
     early, last = sq["rss_at"]
     lines += ["", "| load on edge-export serve | completed | errors | TTFT p50 / p99 ms | also |",
@@ -331,17 +334,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
         artifact = args.artifact or export_artifact(work)
+        manifest = json.loads((artifact / "edge_manifest.json").read_text())
         data = {"machine": host_info(), "threads": THREADS, "rounds": args.rounds,
+                "artifact": {"name": artifact.name, "quantization": {k: manifest["quantization"].get(k)
+                                                                     for k in ("quant", "method", "group_size")},
+                             "max_context": manifest.get("max_context"), "verified": "verification" in manifest},
                 "overhead": overhead(artifact, work, args.rounds),
                 "peers": peers(artifact, smollm2_gguf_path(), work, args.rounds)}
-        print(json.dumps(data, indent=2), flush=True)
+        write(data, args.out)  # the comparisons stand on their own if the load phase is cut short
         if not args.skip_load:
             data["load"] = load(artifact, work, args.requests_each, args.sequential)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    if "load" in data:
-        args.out.with_suffix(".md").write_text(markdown(data))
+            write(data, args.out)
     print(json.dumps(data, indent=2))
+
+
+def write(data: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(data))
 
 
 if __name__ == "__main__":

@@ -417,3 +417,15 @@ def _healthy(url: str) -> bool:
         return raw(url, "GET", "/health", key=None)[0] == 200
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host", "0.0.0.0"], "error: --host 0.0.0.0 is reachable from other machines and no API key is set"),
+    (["--reasoning-budget", "extreme=5"], "error: --reasoning-budget 'extreme=5': write LEVEL=TOKENS"),
+    (["--reasoning-budget", "low=many"], "error: --reasoning-budget 'low=many': TOKENS must be a whole number"),
+    (["--max-queue", "0"], "error: --max-queue must be at least 1"),
+])
+def test_serve_refuses_unsafe_or_bad_options(args, message, monkeypatch):
+    monkeypatch.delenv("EDGE_EXPORT_API_KEY", raising=False)
+    out = CliRunner().invoke(main, ["serve", "any-artifact", *args])
+    assert out.exit_code == 2 and out.output.startswith(message), out.output
