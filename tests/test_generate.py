@@ -157,3 +157,4 @@ def test_cancel_stops_within_one_token(tiny_llama):
     result = Result()
     list(gen.stream(ckpt.tokenizer.encode_chat("hi"), Sampling(max_new_tokens=40, ignore_eos=True), result, cancel))
     assert result.finish_reason == "cancelled" and result.new_tokens == 5 and len(asked) == 5
+
