@@ -13,7 +13,10 @@ EXPORT = ["click>=8.1", "onnx>=1.17", "gguf>=0.17", "safetensors>=0.4",
 ALL = EXPORT + ["torch==2.13.0", "coremltools==9.0", "onnx-ir", "polygraphy", "onnx-graphsurgeon"]
 # `edge-export serve` (runtimes.server): an ASGI app on FastAPI, run by uvicorn; `import runtimes` never needs them
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
+# llama-cpp-python: the independent implementation the GGUF reader and reference decoder are held to
+# (tokenizer ids, greedy parity); named here so those tests cannot silently lose it
 DEV = ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "onnxruntime-genai", "ml_dtypes",
+       "llama-cpp-python>=0.3.16",
        # the server's tests: the official OpenAI client, schemathesis fuzzing /openapi.json, Prometheus' parser
        *SERVE, "openai>=1.40", "schemathesis>=3.30", "prometheus-client",
        # the qnn backend's tests: a plugin beside onnxruntime (>= 1.24) whose HTP simulator runs on Linux x86_64

@@ -41,10 +41,15 @@ class EdgeGroup(click.Group):
 @click.group(cls=EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edge-export")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--strict-config", is_flag=True,
+              help="Refuse a config.json key edge-export does not know, instead of warning.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, strict_config: bool) -> None:
     """Quantize, export, verify and benchmark distilled reasoning models for edge devices."""
     ctx.obj = {"debug": debug}
+    if strict_config:
+        from runtimes.models import strict_config as strict
+        ctx.with_resource(strict())
     # SIGTERM unwinds like Ctrl-C, so a half-written export removes its staging folder
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -40,16 +40,24 @@ def _llama3(freq: np.ndarray, s: dict) -> np.ndarray:
 
 
 def _yarn(dim: int, theta: float, s: dict) -> tuple[np.ndarray, float]:
+    """transformers' YaRN: frequencies ramped between interpolation and extrapolation, and an
+    attention factor on cos/sin (from ``attention_factor``, or ``mscale``/``mscale_all_dim``)."""
     factor = float(s["factor"])
     old_ctx = float(s.get("original_max_position_embeddings", 4096))
-    beta_fast, beta_slow = float(s.get("beta_fast", 32)), float(s.get("beta_slow", 1))
-    attention_factor = s.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
@@ -57,6 +65,11 @@ def _yarn(dim: int, theta: float, s: dict) -> tuple[np.ndarray, float]:
     pos_freqs = theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return freq, float(attention_factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction, 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 def cos_sin(head_dim: int, theta: float, scaling: dict | None, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,14 +25,19 @@ def small_vocab_checkpoint(preset: str, folder: Path, seed: int = 0, std: float 
     _write_weights(spec, folder, np.random.default_rng(seed), std)
     config = get_architecture(spec.architecture).config_from_spec(spec)
     (folder / "config.json").write_text(json.dumps(config))
+    write_small_tokenizer(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "do_sample": True}))
+    return folder
+
+
+def write_small_tokenizer(folder: Path) -> None:
+    """The 512-id byte-level tokenizer with R1's special tokens at ids 506..511 and an R1-shaped template."""
+    from edge_export.fixtures import R1_SPECIALS
     tok = byte_level_tokenizer(SMALL_VOCAB, [SMALL_VOCAB - 6 + i for i in range(6)])
     tok.save(str(folder / "tokenizer.json"))
-    from edge_export.fixtures import R1_SPECIALS
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": R1_SPECIALS[0], "eos_token": R1_SPECIALS[1], "add_bos_token": True,
         "chat_template": SIMPLE_R1_TEMPLATE}, ensure_ascii=False))
-    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "do_sample": True}))
-    return folder
 
 
 # The R1 template's shape (system, <｜User｜>, <｜Assistant｜>, thinking dropped from history, <think>\n).

@@ -94,27 +94,6 @@ def test_tampered_artifact_is_refused(tiny_llama, tmp_path):
         runtimes.load(folder)
 
 
-@pytest.mark.parametrize("kv_cache", ["float32", "int8"])
-def test_onnxruntime_genai_runs_the_artifact(tiny_llama, tmp_path, kv_cache):
-    """genai_config.json loads as it is; with an int8 cache genai sizes its buffers from the graph's
-    int8 inputs. Either way genai generates our greedy tokens."""
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    folder, _ = exported(tiny_llama, tmp_path / "a", quant="int4", verify=False, kv_cache=kv_cache)
-    rt = runtimes.load(folder)
-    prompt = list(range(10, 30))
-    ours = rt.generator.generate(prompt, runtimes.Sampling(max_new_tokens=10, ignore_eos=True)).tokens
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + 10, min_length=len(prompt) + 10)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
-    assert theirs[:10] == ours
-
-
 def test_bad_calibration_files(tiny_llama, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -48,6 +48,10 @@ def build_ort_decoder(spec: ModelSpec, weights, out_dir: str | Path, *, max_cont
     vocab]: right for batch 1 or left-padded batches) unless ``all_logits``. Returns the files
     written, relative to ``out_dir``.
     """
+    if spec.head_dim % 16:
+        # onnxruntime's GroupQueryAttention kernels refuse it at run time ("head_size shall be a multiple of 16")
+        raise ExportError(f"head_dim={spec.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
+                          "needs; export with --variant portable instead")
     if kv_dtype not in KV_TYPES:
         raise ExportError(f"kv_dtype '{kv_dtype}' is not supported by the ort variant (use {', '.join(KV_TYPES)})")
     if kv_dtype == "int8" and not hasattr(weights, "kv_scales"):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, UnsupportedArchitectureError
+from .config_keys import COMMON_CHECKS, check_keys, read_rope
 
 # One table of tensor names, `{bid}` standing for the layer index (gguf-py's TensorNameMap idea).
 LAYER_TENSORS = {
@@ -123,17 +124,25 @@ class ModelSpec:
 
 
 class Architecture:
-    """One decoder family. Subclasses set flags and may override ``spec_kwargs``/``sanitize``."""
+    """One decoder family. Subclasses set flags and say which config keys they understand.
+
+    ``checks`` maps a config key that changes the arithmetic to (accepts(value), what is computed);
+    ``harmless`` lists keys of this family that change nothing. See ``config_keys``.
+    """
 
     name: str = ""
     model_type: str = ""
     attention_bias: bool = False
     qk_norm: bool = False
     rope_types: tuple = ("default", "linear", "llama3", "yarn")
+    checks: dict = {}
+    harmless: frozenset = frozenset()
 
     def spec_from_config(self, config: dict, source: str = "config.json") -> ModelSpec:
-        """Validate an HF config dict and turn it into a ModelSpec; errors name ``source``."""
+        """Validate an HF config dict and turn it into a ModelSpec; errors name ``source``.
+        A key that changes the arithmetic and is not implemented is refused; an unknown one reported."""
         cfg = _ConfigReader(config, source)
+        check_keys(config, {**COMMON_CHECKS, **self.checks}, self.harmless, self.name, source)
         hidden = cfg.dim("hidden_size")
         heads = cfg.dim("num_attention_heads")
         kv_heads = cfg.dim("num_key_value_heads", default=heads)
@@ -145,7 +154,7 @@ class Architecture:
             raise ConfigError(f"{source}: num_key_value_heads={kv_heads} does not divide "
                               f"num_attention_heads={heads}; grouped-query attention needs a divisor")
         vocab = cfg.dim("vocab_size", limit=MAX_VOCAB)
-        rope_scaling = self.check_rope(config.get("rope_scaling"), source)
+        rope_theta, rope_scaling = read_rope(config, self.rope_types, self.name, source)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         return ModelSpec(
@@ -157,10 +166,10 @@ class Architecture:
             head_dim=head_dim,
             intermediate_size=cfg.dim("intermediate_size"),
             vocab_size=vocab,
-            rope_theta=cfg.number("rope_theta", 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             rms_norm_eps=cfg.number("rms_norm_eps", 1e-6),
-            attention_bias=self.attention_bias or bool(config.get("attention_bias", False)),
+            attention_bias=self.attention_bias,
             qk_norm=self.qk_norm,
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
             max_position_embeddings=cfg.dim("max_position_embeddings", default=4096, limit=1 << 24),
@@ -168,17 +177,6 @@ class Architecture:
             eos_token_ids=eos_ids,
             torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         )
-
-    def check_rope(self, rope_scaling: Any, source: str) -> dict | None:
-        if rope_scaling is None:
-            return None
-        if not isinstance(rope_scaling, dict):
-            raise ConfigError(f"{source}: rope_scaling must be an object, got {type(rope_scaling).__name__}")
-        kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-        if kind not in self.rope_types:
-            raise ConfigError(f"{source}: rope_scaling type '{kind}' is not supported for {self.name} "
-                              f"(supported: {', '.join(self.rope_types)})")
-        return dict(rope_scaling, rope_type=kind)
 
     def config_from_spec(self, spec: ModelSpec) -> dict:
         """The HF config.json that describes ``spec`` (used by fixtures and GGUF conversion)."""
