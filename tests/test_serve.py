@@ -278,7 +278,7 @@ def test_non_streamed_client_that_leaves_is_cancelled(r1_server):
 
 
 def test_time_limit_504_and_stream_error_event(r1_reference):
-    with running(r1_reference, ServeConfig(port=0, request_timeout_s=0.3)) as url:
+    with running(r1_reference, ServeConfig(port=0, request_timeout_s=0.05)) as url:  # 480 tokens take longer
         with pytest.raises(openai.APIStatusError) as e:
             client(url, "unused").chat.completions.create(model="m", messages=MESSAGES, max_tokens=480)
         assert e.value.status_code == 504 and e.value.code == "request_timeout"
