@@ -17,7 +17,9 @@
    the 429s (a refused client moves on; it does not retry).
 
 Writes the JSON and a Markdown table beside it (the README quotes the table). The machine is
-shared: figures are medians, and comparisons are ratios within one run.
+shared: figures are medians, and comparisons are ratios within one run. llama.cpp's server needs
+llama-cpp-python's `server` extra; where llama-cpp-python is already built, its pure-Python part
+suffices: `pip install sse-starlette starlette-context pydantic-settings`.
 """
 from __future__ import annotations
 
