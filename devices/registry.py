@@ -24,7 +24,7 @@ def register_device(scheme: str):
 
 
 def parse_device(spec: str) -> Device:
-    """'host' | 'ssh://user@host[:port]' | 'adb://SERIAL' | 'estimate:PROFILE' -> a Device."""
+    """'host' | 'ssh://user@host[:port]' | 'adb://SERIAL' | 'estimate:PROFILE' | 'http://HOST:PORT[/v1]' -> a Device."""
     if "://" in spec:
         scheme, target = spec.split("://", 1)
     elif ":" in spec:

@@ -215,7 +215,9 @@ def _sampling_options(f):
         click.option("--max-new-tokens", default=512, show_default=True),
         click.option("--thinking-budget", type=int, help="Close </think> after this many thinking tokens."),
         click.option("--temperature", type=float, help="Default: the model's (R1: 0.6). 0 = greedy."),
-        click.option("--top-p", type=float), click.option("--seed", type=int)]):
+        click.option("--top-p", type=float), click.option("--seed", type=int),
+        click.option("--stop", multiple=True, help="End the answer at this string (not returned; repeatable); "
+                     "the thinking is never cut.")]):
         f = option(f)
     return f
 
@@ -242,13 +244,13 @@ def targets(as_json):
 @click.option("--hide-thinking", is_flag=True, help="Print only the answer.")
 @click.option("--json", "as_json", is_flag=True)
 def run(artifact, prompt, backend, provider, threads, max_new_tokens, thinking_budget, temperature, top_p, seed,
-        hide_thinking, as_json):
+        stop, hide_thinking, as_json):
     """Answer PROMPT with ARTIFACT, streaming (thinking dimmed, answer plain)."""
     import runtimes
     rt = runtimes.load(artifact, backend=backend, provider=provider, threads=threads)
     result = runtimes.Result()
     sampling = dict(max_new_tokens=max_new_tokens, thinking_budget=thinking_budget, temperature=temperature,
-                    top_p=top_p, seed=seed)
+                    top_p=top_p, seed=seed, stop=stop)
     for event in rt.stream(prompt, result=result, **sampling):
         if not as_json:
             _render(event, hide_thinking)
@@ -272,13 +274,13 @@ def _render(event, hide_thinking: bool) -> None:
 @_sampling_options
 @click.option("--hide-thinking", is_flag=True)
 def chat(artifact, backend, provider, threads, max_new_tokens, thinking_budget, temperature, top_p, seed,
-         hide_thinking):
+         stop, hide_thinking):
     """Talk with ARTIFACT over several turns (Ctrl-D or /exit to leave)."""
     import runtimes
     rt = runtimes.load(artifact, backend=backend, provider=provider, threads=threads)
     history = []
     sampling = dict(max_new_tokens=max_new_tokens, thinking_budget=thinking_budget, temperature=temperature,
-                    top_p=top_p, seed=seed)
+                    top_p=top_p, seed=seed, stop=stop)
     while True:
         try:
             text = input("> ")
@@ -296,6 +298,40 @@ def chat(artifact, backend, provider, threads, max_new_tokens, thinking_budget, 
         click.echo()
         # earlier turns keep only their answer, as R1's template does with thinking
         history.append({"role": "assistant", "content": result.answer.strip()})
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; another than loopback needs --api-key (or --insecure).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", envvar="EDGE_EXPORT_API_KEY", help="Requests must send Authorization: Bearer KEY "
+              "(default: $EDGE_EXPORT_API_KEY).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.option("--max-queue", default=16, show_default=True,
+              help="Requests admitted at once (the one generating and those waiting); past it, 429 with Retry-After.")
+@click.option("--request-timeout", default=600.0, show_default=True,
+              help="Seconds from arrival to the last token; past it 504 (a stream ends with an error event).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Larger request bodies get 413.")
+@click.option("--model-name", help="The model id in /v1/models and responses (default: the artifact's folder name).")
+@click.option("--reasoning-budget", "reasoning_budgets", multiple=True, metavar="LEVEL=TOKENS",
+              help="Thinking tokens for reasoning_effort LEVEL (low=256, medium=1024, high=4096 by default; "
+                   "TOKENS may be none). Repeatable.")
+@click.option("--backend", help="Override the manifest's backend (e.g. reference).")
+@click.option("--provider", help="Execution provider: cpu, cuda, coreml, qnn, ...")
+@click.option("--threads", type=int, help="Intra-op threads.")
+def serve(artifact, host, port, api_key, insecure, max_queue, request_timeout, max_body_bytes, model_name,
+          reasoning_budgets, backend, provider, threads):
+    """Serve ARTIFACT by OpenAI's chat-completions protocol (thinking in reasoning_content).
+
+    Endpoints: POST /v1/chat/completions (streamed or not), GET /v1/models, /health, /metrics
+    (Prometheus), /openapi.json. Needs pip install 'edge-export[serve]'."""
+    from runtimes.server import ServeConfig, parse_budgets, serve as run_server
+    config = ServeConfig(host=host, port=port, api_key=api_key, insecure=insecure, max_queue=max_queue,
+                         request_timeout_s=request_timeout, max_body_bytes=max_body_bytes, model_name=model_name,
+                         reasoning_budgets=parse_budgets(reasoning_budgets))
+    config.check_bind()
+    run_server(artifact, config=config, backend=backend, provider=provider, threads=threads)
 
 
 @main.command(name="eval")
@@ -336,7 +372,9 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cli
 @click.argument("artifact")
 @click.option("--device", "device_specs", multiple=True, default=("host",), show_default=True,
               help="host; ssh://[user@]host[:port][/folder] (a Linux board, through your ssh config); "
-                   "adb://SERIAL (an Android device, with --runner); estimate:PROFILE for a roofline estimate "
+                   "adb://SERIAL (an Android device, with --runner); http://HOST:PORT[/v1] (an OpenAI-compatible "
+              "server running the same model, e.g. edge-export serve or llama.cpp's; ARTIFACT may then be the "
+              "checkpoint, for its tokenizer); estimate:PROFILE for a roofline estimate "
                    "(profiles: `edge-export devices`). Repeat it to benchmark several devices at once, each in its "
                    "own thread (host runs alone after the others): runs on one machine share its cores and disturb "
                    "each other's timings, so a device may be listed once. @FILE reads devices from a file, one "
@@ -351,20 +389,24 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cli
 @click.option("--runner", type=click.Path(dir_okay=False, exists=True),
               help="adb:// only: the benchmark binary to push and run (onnxruntime-genai's model_benchmark).")
 @click.option("--timeout", default=3600, show_default=True, help="Seconds the benchmark may run on the device.")
+@click.option("--model", help="http:// only: the server's model name (default: the first in its /v1/models).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result object; with several --device, a list of them (a failed device: "
                    "{device, error}).")
 @click.pass_context
 def bench(ctx, artifact, device_specs, prompt_tokens, new_tokens, runs, warmup, threads, backend, long_context, runner,
-          timeout, as_json):
+          timeout, model, as_json):
     """Time ARTIFACT by the shared protocol (prompt, greedy tokens, warm-up, medians).
 
     With several --device, every device gets its own line (or JSON entry) and the exit code is 2
     if any of them failed; the others' results are kept."""
     import devices
     options = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads,
-                   backend=backend, long_context=long_context or None, runner=runner, timeout=timeout)
+                   backend=backend, long_context=long_context or None, runner=runner, timeout=timeout, model=model)
     device_specs = _expand_device_files(device_specs)
+    if any(spec.startswith(("http://", "https://")) for spec in device_specs):
+        from .checkpoint import checkpoint_tokenizer
+        options["tokenizer"] = checkpoint_tokenizer(artifact)
     if len(device_specs) == 1:
         result = devices.bench(artifact, device_specs[0], **options)
         emit_json(result) if as_json else click.echo(_result_line(result))

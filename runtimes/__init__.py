@@ -5,6 +5,7 @@
     result = rt.generate("What is 2+3?")           # Result: thinking, answer, tokens, timings
     for event in rt.stream("Why is the sky blue?", temperature=0.6, thinking_budget=256):
         print(event.kind, event.text)              # thinking | answer | tag
+    runtimes.serve("smollm2-int4", port=8000)      # OpenAI-compatible HTTP (pip install 'edge-export[serve]')
 """
 from __future__ import annotations
 
@@ -79,5 +80,14 @@ def load(path: str | Path, backend: str | None = None, provider: str | None = No
     return Runtime(artifact, get_backend(name)(artifact, provider=provider, threads=threads))
 
 
+def serve(artifact_or_runtime, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve an artifact (or a loaded Runtime) by OpenAI's chat-completions protocol until interrupted.
+
+    Needs ``pip install 'edge-export[serve]'``; see runtimes.server for the app factory and the
+    settings (``config=ServeConfig(...)``; backend, provider, threads go to load)."""
+    from .server import serve as run_server
+    run_server(artifact_or_runtime, host=host, port=port, **options)
+
+
 __all__ = ["Artifact", "Backend", "EdgeError", "Event", "Result", "Runtime", "Sampling", "backend_names",
-           "get_backend", "load", "register_backend"]
+           "get_backend", "load", "register_backend", "serve"]

@@ -1,15 +1,16 @@
-"""The generation loop shared by every backend: sampling, stop tokens, streaming, thinking budget.
+"""The generation loop shared by every backend: sampling, stop tokens and strings, streaming, thinking budget.
 
 Streaming events say whether a piece of text is thinking or answer. The ``<think>`` and
 ``</think>`` tags are events of their own (kind ``tag``) and belong to neither; a model that never
 emits them produces only answer. Concatenating every event's text gives exactly the decoded
-output. The split is done on text, so it holds however the tokenizer cuts the tags.
+output (up to a stop string, which is not returned). The split is done on text, so it holds however
+the tokenizer cuts the tags.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -21,7 +22,10 @@ BUDGET_CLOSE = "\n</think>\n\n"
 
 @dataclass
 class Sampling:
-    """How to pick tokens. temperature 0 is greedy. ``thinking_budget`` caps thinking tokens."""
+    """How to pick tokens. temperature 0 is greedy. ``thinking_budget`` caps thinking tokens.
+
+    ``stop``: strings that end the answer (never the thinking); the stop string itself is not returned.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -30,6 +34,7 @@ class Sampling:
     max_new_tokens: int = 256
     thinking_budget: int | None = None
     ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Result:
     tokens: list = field(default_factory=list)
     prompt_tokens: int = 0
     thinking_tokens: int = 0
-    finish_reason: str = ""  # eos | length | context
+    finish_reason: str = ""  # eos | stop (a stop string) | length | context | cancelled
     ttft_ms: float = 0.0
     decode_tok_s: float = 0.0
     token_times: list = field(default_factory=list)  # seconds since start, one per new token
@@ -146,26 +151,68 @@ def _partial_tag_suffix(text: str, tag: str) -> int:
     return 0
 
 
+class StopFilter:
+    """Ends the answer at the first stop string: answer text that could begin one is held back until
+    it cannot. Thinking and tags pass through and release what is held (a stop string never spans a
+    tag), so stop strings apply to the answer only."""
+
+    def __init__(self, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        self.stops, self.pending, self.hit = [s for s in stops if s], "", False
+
+    def feed(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for e in events:
+            if e.kind != "answer" or not self.stops:
+                out += self.flush() + [e]
+                continue
+            self.pending += e.text
+            at = min((i for s in self.stops if (i := self.pending.find(s)) >= 0), default=-1)
+            if at >= 0:
+                out += [Event("answer", self.pending[:at])] if at else []
+                self.pending, self.hit = "", True
+                return out
+            keep = max(_partial_tag_suffix(self.pending, s) for s in self.stops)
+            out += [Event("answer", self.pending[:len(self.pending) - keep])] if len(self.pending) > keep else []
+            self.pending = self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> list[Event]:
+        events = [Event("answer", self.pending)] if self.pending else []
+        self.pending = ""
+        return events
+
+
 class Generator:
     """Drives a backend (prefill / decode over its own KV cache) with a tokenizer."""
 
     def __init__(self, backend, tokenizer, eos_ids: list[int]):
         self.backend, self.tokenizer, self.eos_ids = backend, tokenizer, set(eos_ids)
 
-    def stream(self, prompt_ids: list[int], sampling: Sampling, result: Result | None = None) -> Iterator[Event]:
-        """Yield events as tokens arrive; fills ``result`` (if given) with the totals and timings."""
-        result = result if result is not None else Result()
-        result.prompt_tokens = len(prompt_ids)
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise TokenizerError for an empty prompt, ContextOverflowError for one the context cannot hold."""
         limit = self.backend.max_context
         if not len(prompt_ids):
             raise TokenizerError("the prompt encodes to no tokens: give a non-empty prompt (or messages)")
         if len(prompt_ids) >= limit:
             raise ContextOverflowError(f"the prompt has {len(prompt_ids)} tokens; the artifact's context is "
                                        f"{limit}: shorten the prompt or re-export with a larger --max-context")
+
+    def stream(self, prompt_ids: list[int], sampling: Sampling, result: Result | None = None,
+               cancel: Callable[[], bool] | None = None) -> Iterator[Event]:
+        """Yield events as tokens arrive; fills ``result`` (if given) with the totals and timings.
+
+        ``cancel`` is asked after every token; when it returns True, generation stops there (within
+        one token) with finish_reason ``cancelled``."""
+        result = result if result is not None else Result()
+        result.prompt_tokens = len(prompt_ids)
+        self.check_prompt(prompt_ids)
+        limit = self.backend.max_context
         rng = np.random.default_rng(sampling.seed)
         detok = Detokenizer(self.tokenizer)
         prompt_text = self.tokenizer.decode(prompt_ids[-4:])
         splitter = ThinkSplitter(thinking=prompt_text.rstrip().endswith(THINK_OPEN))
+        stopper = StopFilter(sampling.stop)
         forced: list[int] = []
         reserve = getattr(self.backend, "reserve", None)  # optional: prefill / decode / max_context suffice
         if reserve is not None:
@@ -182,7 +229,10 @@ class Generator:
             result.tokens.append(token)
             if splitter.thinking:
                 result.thinking_tokens += 1
-            yield from self._emit(splitter.feed(detok.add(token)), result)
+            yield from self._emit(stopper.feed(splitter.feed(detok.add(token))), result)
+            if stopper.hit:
+                result.finish_reason = "stop"
+                break
             if (sampling.thinking_budget is not None and splitter.thinking and not forced
                     and result.thinking_tokens >= sampling.thinking_budget):
                 forced = self.tokenizer.encode(BUDGET_CLOSE, parse_special=True)
@@ -192,9 +242,16 @@ class Generator:
             if position >= limit:  # the cache is full: stop cleanly rather than overflow it
                 result.finish_reason = "context"
                 break
+            if cancel is not None and cancel():
+                result.finish_reason = "cancelled"
+                break
             logits = self.backend.decode(token)
             position += 1
-        yield from self._emit(splitter.feed(detok.flush()) + splitter.flush(), result)
+        if not stopper.hit:  # what the detokenizer and splitter still hold, unless a stop string ended it all
+            yield from self._emit(stopper.feed(splitter.feed(detok.flush()) + splitter.flush()) + stopper.flush(),
+                                  result)
+            if stopper.hit:
+                result.finish_reason = "stop"
         times = result.token_times
         result.ttft_ms = times[0] * 1000.0
         n = len(result.tokens)

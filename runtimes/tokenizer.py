@@ -6,6 +6,7 @@ parsing switched off, and only the template's own text may produce control token
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,11 @@ class ChatTokenizer:
         self.chat_template = chat_template
         self.bos_token, self.eos_token, self.add_bos = bos_token, eos_token, add_bos
         self._template = None
+        # encode() flips the tokenizer's special-token switch for one call, and a server encodes new
+        # requests while its generation thread encodes the budget's </think>: the flip and the encode
+        # are one step (CPython 3.11 with tokenizers holding the GIL never splits them; a free-threaded
+        # Python or a binding that releases the GIL would)
+        self._encode_lock = threading.Lock()
 
     @classmethod
     def from_files(cls, tokenizer_json: str | Path, tokenizer_config: str | Path | None = None) -> "ChatTokenizer":
@@ -61,11 +67,12 @@ class ChatTokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         """Text -> ids. ``parse_special=False`` makes special-token strings plain text."""
-        self.tok.encode_special_tokens = not parse_special
-        try:
-            ids = self.tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tok.encode_special_tokens = False
+        with self._encode_lock:
+            self.tok.encode_special_tokens = not parse_special
+            try:
+                ids = self.tok.encode(text, add_special_tokens=False).ids
+            finally:
+                self.tok.encode_special_tokens = False
         bos = self.token_id(self.bos_token) if self.bos_token else None
         if (self.add_bos if add_bos is None else add_bos) and bos is not None:
             ids = [bos] + ids

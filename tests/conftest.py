@@ -59,3 +59,24 @@ def tiny_checkpoint(request, tmp_path_factory) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     return small_vocab_checkpoint("r1-distill-llama-8b", tmp_path_factory.mktemp("llama"))
 
+
+
+@pytest.fixture(scope="session")
+def r1_tiny_artifact(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with the real R1-Distill tokenizer and chat template (the template adds no
+    <think>; the manifest's think_prefix does), exported to onnx/ort int4 with a 512-token context."""
+    from edge_export.export import ExportOptions, export
+    from edge_export.fixtures import write_fixture
+    folder = tmp_path_factory.mktemp("r1tiny")
+    checkpoint = write_fixture("r1-distill-qwen-1.5b", "tiny", folder / "checkpoint")
+    export(checkpoint, folder / "r1tiny-int4", ExportOptions(quant="int4", max_context=512, verify=False))
+    return folder / "r1tiny-int4"
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4_artifact(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct (its GGUF's Q4_1 blocks carried) exported to onnx/ort, 512 positions."""
+    from edge_export.export import ExportOptions, export
+    folder = tmp_path_factory.mktemp("smollm2")
+    export("smollm2-135m", folder / "smollm2-int4", ExportOptions(quant="int4", max_context=512, verify=False))
+    return folder / "smollm2-int4"

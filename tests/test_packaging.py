@@ -4,7 +4,7 @@ import sys
 import textwrap
 
 BLOCKED = ["torch", "coremltools", "click", "transformers", "onnx", "gguf", "safetensors", "edge_export",
-           "quantizers", "devices", "tensorrt"]
+           "quantizers", "devices", "tensorrt", "fastapi", "uvicorn", "starlette", "pydantic"]
 
 
 def test_runtimes_imports_without_export_dependencies():
@@ -22,6 +22,26 @@ def test_runtimes_imports_without_export_dependencies():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_serving_without_its_extra_names_the_install():
+    """runtimes.server imports without FastAPI; serving then says which extra to install."""
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in {BLOCKED!r}:
+                    raise ImportError('blocked for this test: ' + name, name=name.split('.')[0])
+        sys.meta_path.insert(0, Block())
+        import runtimes, runtimes.server
+        try:
+            runtimes.serve('no-such-artifact')
+        except runtimes.EdgeError as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "serving needs FastAPI and uvicorn (fastapi is missing): pip install 'edge-export[serve]'"
 
 
 def test_layering_rules():

@@ -48,4 +48,14 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
     raise CheckpointError(f"{source}: no such file or folder (known names: {', '.join(KNOWN_MODELS)})")
 
 
-__all__ = ["Checkpoint", "CheckpointError", "KNOWN_MODELS", "open_checkpoint", "resolve"]
+def checkpoint_tokenizer(source: str | Path):
+    """The tokenizer (a runtimes ChatTokenizer) of an artifact folder or of a checkpoint: what
+    `bench --device http://...` builds the protocol's prompt with."""
+    from runtimes.artifact import MANIFEST
+    if (Path(source) / MANIFEST).is_file():
+        from devices.http_server import artifact_tokenizer
+        return artifact_tokenizer(source)
+    return open_checkpoint(source).tokenizer
+
+
+__all__ = ["Checkpoint", "CheckpointError", "KNOWN_MODELS", "checkpoint_tokenizer", "open_checkpoint", "resolve"]
