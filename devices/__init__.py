@@ -13,8 +13,25 @@ from .ssh_client import SshTarget
 log = logging.getLogger(__name__)
 
 
+# The protocol's options and their ranges (None: the device's default). Checked before anything runs.
+OPTION_RANGES = {
+    "prompt_tokens": (1, "at least 1 token"), "new_tokens": (1, "at least 1 token"),
+    "runs": (1, "at least 1 (the figures are medians over the runs)"), "warmup": (0, "0 or more"),
+    "threads": (1, "at least 1"), "long_context": (0, "0 (off) or more tokens"), "timeout": (1, "at least 1 second"),
+}
+
+
+def check_options(options: dict) -> None:
+    """Raise BenchError naming the first option out of its range (as its CLI flag, e.g. --runs)."""
+    for name, (least, words) in OPTION_RANGES.items():
+        value = options.get(name)
+        if value is not None and not value >= least:
+            raise host.BenchError(f"--{name.replace('_', '-')} {value}: must be {words}")
+
+
 def bench(artifact: str, device: str = "host", **options) -> dict:
     """Benchmark an artifact on one device by the shared protocol; returns the result dict."""
+    check_options(options)
     return parse_device(device).bench(artifact, options)
 
 
@@ -27,6 +44,7 @@ def bench_devices(artifact: str, devices: list[str], **options) -> list[dict]:
     device listed twice (``host`` included) is refused: two runs on one machine share its cores.
     A malformed or unknown ``--device`` refuses the whole list (EdgeError) before anything runs.
     """
+    check_options(options)
     parsed = [parse_device(spec) for spec in devices]
     _refuse_repeats(devices, parsed)
     entries: list[dict | None] = [None] * len(devices)

@@ -75,12 +75,17 @@ def _section(text: str, label: str) -> dict[str, float]:
     return values
 
 
+# both spellings main.cpp has used: "... size (bytes): N" and "... size: N bytes (1.12 GB)"
+PEAK_WORKING_SET = re.compile(r"Peak working set size(?: \(bytes\))?: (\d+)(?: bytes)?")
+
+
 def parse_model_benchmark(text: str) -> dict:
     """Figures from model_benchmark's output (onnxruntime-genai benchmark/c/main.cpp, RunBenchmark).
 
     ``ttft_ms``: the median of "Prompt processing (time to first token)"; ``decode_tok_s``: 1 / the
-    median of "Token generation" (per token); ``peak_rss_mb``: "Peak working set size (bytes)".
-    It prints no p90, so ``ttft_ms_p90`` and ``decode_tok_s_p10`` are absent.
+    median of "Token generation" (per token); ``peak_rss_mb``: the peak working set, which older
+    builds print as "Peak working set size (bytes): N" and current ones as "Peak working set size:
+    N bytes (X MB)". It prints no p90, so ``ttft_ms_p90`` and ``decode_tok_s_p10`` are absent.
     """
     out: dict = {}
     header = re.search(r"prompt tokens: (\d+), tokens to generate: (\d+)", text)
@@ -97,7 +102,7 @@ def parse_model_benchmark(text: str) -> dict:
     e2e = _section(text, "E2E generation (entire generation loop)")
     if "n" in e2e:
         out["runs"] = int(e2e["n"])
-    peak = re.search(r"Peak working set size \(bytes\): (\d+)", text)
+    peak = PEAK_WORKING_SET.search(text)
     if peak:
         out["peak_rss_mb"] = round(int(peak.group(1)) / 2**20, 1)
     return out

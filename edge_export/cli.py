@@ -16,7 +16,7 @@ import click
 from runtimes.capabilities import DEFAULT_KV_CACHE, KV_CACHE_NAMES
 
 from . import __version__
-from .errors import EdgeError
+from .errors import EdgeError, missing_extra
 
 DEFAULT_KV_CACHE_NAME = next(name for name, dtype in KV_CACHE_NAMES.items() if dtype == DEFAULT_KV_CACHE)
 
@@ -27,19 +27,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 class EdgeGroup(click.Group):
-    """Turns the toolkit's own errors into one clear line and exit code 2."""
+    """Turns the toolkit's own errors, an option value out of its range, and a package that only an
+    extra installs into one clear line and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except _user_errors() as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            click.echo(f"error: {e}", err=True)
+        except click.BadParameter as e:  # "Invalid value for '--top-p': 0.0 is not in the range 0<x<=1."
+            click.echo(f"error: {e.format_message()}", err=True)
             ctx.exit(2)
+        except ModuleNotFoundError as e:
+            self._refuse(ctx, missing_extra(e) or e)
+        except _user_errors() as e:
+            self._refuse(ctx, e)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+
+    @staticmethod
+    def _refuse(ctx: click.Context, error: BaseException) -> None:
+        if not isinstance(error, _user_errors()) or (ctx.obj and ctx.obj.get("debug")):
+            raise error
+        click.echo(f"error: {error}", err=True)
+        ctx.exit(2)
 
 
 @click.group(cls=EdgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -211,11 +221,15 @@ def _sampling_options(f):
     for option in reversed([
         click.option("--backend", help="Override the manifest's backend (e.g. reference)."),
         click.option("--provider", help="Execution provider: cpu, cuda, coreml, qnn, xnnpack, nnapi, ..."),
-        click.option("--threads", type=int, help="Intra-op threads."),
-        click.option("--max-new-tokens", default=512, show_default=True),
-        click.option("--thinking-budget", type=int, help="Close </think> after this many thinking tokens."),
-        click.option("--temperature", type=float, help="Default: the model's (R1: 0.6). 0 = greedy."),
-        click.option("--top-p", type=float), click.option("--seed", type=int),
+        click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True),
+        click.option("--thinking-budget", type=click.IntRange(min=0),
+                     help="Close </think> after this many thinking tokens."),
+        click.option("--temperature", type=click.FloatRange(min=0),
+                     help="Default: the model's (R1: 0.6). 0 = greedy."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True),
+                     help="Default: the model's (R1: 0.95). Keep the most likely tokens up to this mass, 0 < p <= 1."),
+        click.option("--seed", type=click.IntRange(min=0)),
         click.option("--stop", multiple=True, help="End the answer at this string (not returned; repeatable); "
                      "the thinking is never cut.")]):
         f = option(f)
@@ -379,16 +393,18 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cli
                    "own thread (host runs alone after the others): runs on one machine share its cores and disturb "
                    "each other's timings, so a device may be listed once. @FILE reads devices from a file, one "
                    "a line (# starts a comment).")
-@click.option("--prompt-tokens", default=128, show_default=True)
-@click.option("--new-tokens", default=128, show_default=True)
-@click.option("--runs", default=5, show_default=True)
-@click.option("--warmup", default=1, show_default=True)
-@click.option("--threads", default=2, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--backend")
-@click.option("--long-context", default=0, help="Also time decode after this many tokens of context.")
+@click.option("--long-context", type=click.IntRange(min=0), default=0,
+              help="Also time decode after this many tokens of context.")
 @click.option("--runner", type=click.Path(dir_okay=False, exists=True),
               help="adb:// only: the benchmark binary to push and run (onnxruntime-genai's model_benchmark).")
-@click.option("--timeout", default=3600, show_default=True, help="Seconds the benchmark may run on the device.")
+@click.option("--timeout", type=click.IntRange(min=1), default=3600, show_default=True,
+              help="Seconds the benchmark may run on the device.")
 @click.option("--model", help="http:// only: the server's model name (default: the first in its /v1/models).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result object; with several --device, a list of them (a failed device: "

@@ -41,8 +41,11 @@ GEMM_TYPES = re.compile(r"gemm|matrixmultiply|matmul|convolution|myelin|foreign"
 
 
 def build_engine(folder: str | Path, *, device: str | None = None, workspace_gb: float | None = None,
-                 progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Build ``folder``'s engine in place; returns the manifest's new ``engine`` section."""
+                 progress: Callable[[str], None] = lambda s: None, builder=None) -> dict:
+    """Build ``folder``'s engine in place; returns the manifest's new ``engine`` section.
+
+    ``builder``: what turns the ONNX graph into engine bytes (``version``, ``gpu()``, ``build()``,
+    ``inspect()``); by default TensorRTBuilder, the installed TensorRT on CUDA device 0."""
     folder = Path(folder).absolute()
     artifact = load_artifact(folder)
     manifest = artifact.manifest
@@ -54,21 +57,25 @@ def build_engine(folder: str | Path, *, device: str | None = None, workspace_gb:
     if device:
         from .targets.tensorrt import check_device
         check_device(device, quant)
-    trt = _import_tensorrt(plan)
-    try:
-        gpu = current_gpu()
-    except BackendUnavailableError as e:
-        raise EngineError(str(e)) from None
-    progress(f"building a TensorRT {trt.__version__} engine for {gpu['name']} (sm_{gpu['compute_capability']})")
+    builder = builder or TensorRTBuilder(plan)
+    gpu = builder.gpu()
+    progress(f"building a TensorRT {builder.version} engine for {gpu['name']} (sm_{gpu['compute_capability']})")
     t0 = time.perf_counter()
-    serialized = _build(trt, artifact.file(manifest["graph"]["file"]), plan, workspace_gb)
-    layers = summarize_layers(_inspect(trt, serialized), quant)
-    engine = {**plan, "built": True, "file": plan.get("file", "model.engine"), "tensorrt": trt.__version__,
+    serialized = builder.build(artifact.file(manifest["graph"]["file"]), plan, workspace_gb)
+    layers = summarize_layers(builder.inspect(serialized), quant)
+    engine = {**plan, "built": True, "file": plan.get("file", "model.engine"), "tensorrt": builder.version,
               "gpu": gpu, "build_seconds": round(time.perf_counter() - t0, 1), "layers": layers}
+    _publish_engine(folder, manifest, engine, serialized)
+    return engine
+
+
+def _publish_engine(folder: Path, manifest: dict, engine: dict, serialized: bytes) -> None:
+    """Swap in a copy of the artifact with the engine and the new manifest: its other files are
+    hard links to the current ones (no copy of the weights), a previous engine is replaced."""
     with staging_folder(folder, overwrite=True) as staging:
         for name in manifest["files"]:
-            if name == plan.get("file", "model.engine"):
-                continue  # a previous engine is replaced
+            if name == engine["file"]:
+                continue
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             os.link(folder / name, staging / name)
         (staging / engine["file"]).write_bytes(serialized)
@@ -76,7 +83,28 @@ def build_engine(folder: str | Path, *, device: str | None = None, workspace_gb:
         new.update(engine=engine, backend="tensorrt")
         write_manifest(staging, new)
         publish(staging, folder, overwrite=True)
-    return engine
+
+
+class TensorRTBuilder:
+    """The engine builder: the installed TensorRT's Python API on CUDA device 0."""
+
+    def __init__(self, plan: dict):
+        self.trt = _import_tensorrt(plan)
+        self.version = self.trt.__version__
+
+    def gpu(self) -> dict:
+        """{name, compute_capability} of the GPU the engine is built for."""
+        try:
+            return current_gpu()
+        except BackendUnavailableError as e:
+            raise EngineError(str(e)) from None
+
+    def build(self, onnx_path: Path, plan: dict, workspace_gb: float | None) -> bytes:
+        return _build(self.trt, onnx_path, plan, workspace_gb)
+
+    def inspect(self, serialized: bytes) -> dict:
+        """The engine inspector's JSON (ProfilingVerbosity.DETAILED)."""
+        return _inspect(self.trt, serialized)
 
 
 def _import_tensorrt(plan: dict):

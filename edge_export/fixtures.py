@@ -17,7 +17,7 @@ import numpy as np
 from runtimes.models import ModelSpec, get_architecture
 
 from .checkpoint.safetensors_io import f32_to_bf16, write_safetensors
-from .errors import ExportError
+from .errors import ExportError, needs_extra
 from .presets import preset_spec
 
 SHARD_BYTES = 2 << 30
@@ -35,6 +35,7 @@ def write_fixture(preset: str, scale: str, out: str | Path, seed: int = 0, init_
     if weight_bytes > free:
         raise ExportError(f"{out}: {preset} at scale {scale} needs {weight_bytes / 1e9:.1f} GB of disk, "
                           f"only {free / 1e9:.1f} GB free; choose another folder or --scale tiny")
+    _r1_header()  # read (and cached) before anything is written: without the export extra, nothing is left
     out.mkdir(parents=True, exist_ok=True)
     std = init_std if init_std is not None else (0.02 if scale == "full" else 0.08)
     _write_weights(spec, out, np.random.default_rng(seed), std)
@@ -112,7 +113,8 @@ def _llama_special_ids(spec: ModelSpec) -> list[int]:
 
 @lru_cache(maxsize=1)
 def _r1_header():
-    from .checkpoint.gguf_reader import r1_qwen_gguf_path, tokenizer_from_gguf
+    with needs_extra("a fixture's R1 tokenizer (read from a packaged GGUF)"):
+        from .checkpoint.gguf_reader import r1_qwen_gguf_path, tokenizer_from_gguf
     return tokenizer_from_gguf(r1_qwen_gguf_path())
 
 

@@ -25,6 +25,10 @@ class TokenizerError(EdgeError):
     """A tokenizer or chat template cannot be built or rendered."""
 
 
+class SamplingError(EdgeError):
+    """A sampling option (temperature, top_p, top_k, max_new_tokens, thinking_budget, seed) is out of range."""
+
+
 class ContextOverflowError(EdgeError):
     """A prompt or generation does not fit the model's context."""
 

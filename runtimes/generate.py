@@ -14,10 +14,33 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ContextOverflowError, TokenizerError
+from .errors import ContextOverflowError, SamplingError, TokenizerError
 from .tokenizer import THINK_CLOSE, THINK_OPEN
 
 BUDGET_CLOSE = "\n</think>\n\n"
+
+
+# Each sampling option's range: (what holds for a valid value, the range in words). NaN fails every test.
+SAMPLING_RANGES = {
+    "temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "> 0 and <= 1 (1 keeps every token)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 keeps every token)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "thinking_budget": (lambda v: v is None or v >= 0, ">= 0 tokens"),
+    "seed": (lambda v: v is None or v >= 0, ">= 0"),
+}
+
+
+def check_sampling(sampling) -> None:
+    """Raise SamplingError naming the first option of ``sampling`` that is out of its range."""
+    for name, (holds, words) in SAMPLING_RANGES.items():
+        value = getattr(sampling, name)
+        try:
+            ok = bool(holds(value))
+        except TypeError:  # not a number
+            ok = False
+        if not ok:
+            raise SamplingError(f"sampling option {name}={value!r} is out of range: it must be {words}")
 
 
 @dataclass
@@ -25,6 +48,7 @@ class Sampling:
     """How to pick tokens. temperature 0 is greedy. ``thinking_budget`` caps thinking tokens.
 
     ``stop``: strings that end the answer (never the thinking); the stop string itself is not returned.
+    Every option is range-checked on construction (SamplingError).
     """
 
     temperature: float = 0.0
@@ -35,6 +59,9 @@ class Sampling:
     thinking_budget: int | None = None
     ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        check_sampling(self)
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random checkpoints of every architecture, written in the real HF layout."""
+"""Shared fixtures: tiny random checkpoints of every architecture, written in the real HF layout;
+the record of which backends generated tokens in this session; and the CI skip policy's hooks."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -10,7 +12,11 @@ import pytest
 
 from edge_export.fixtures import _write_weights, byte_level_tokenizer
 from edge_export.presets import preset_spec
+from runtimes.generate import Generator, Result
 from runtimes.models import get_architecture
+
+from .skip_policy import (pytest_collectreport, pytest_runtest_logreport, pytest_sessionfinish,  # noqa: F401
+                          pytest_terminal_summary)
 
 ARCH_PRESETS = {"LlamaForCausalLM": "r1-distill-llama-8b", "Qwen2ForCausalLM": "r1-distill-qwen-1.5b",
                 "Qwen3ForCausalLM": "r1-0528-qwen3-8b"}
@@ -80,3 +86,35 @@ def smollm2_int4_artifact(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("smollm2")
     export("smollm2-135m", folder / "smollm2-int4", ExportOptions(quant="int4", max_context=512, verify=False))
     return folder / "smollm2-int4"
+
+
+# ---- which backends generated tokens in this session (test_completeness reads it at the end) ----
+GENERATED_TOKENS: dict[str, int] = {}  # backend name -> tokens the shared Generator produced over it
+
+
+@pytest.fixture(autouse=True, scope="session")
+def record_generated_tokens():
+    """Every Generator.stream of the session adds its tokens to GENERATED_TOKENS under its backend's name."""
+    original = Generator.stream
+    signature = inspect.signature(original)
+
+    def stream(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        result = bound.arguments.get("result")
+        if result is None:
+            result = bound.arguments["result"] = Result()
+        yield from original(*bound.args, **bound.kwargs)
+        name = getattr(self.backend, "name", "") or type(self.backend).__name__
+        GENERATED_TOKENS[name] = GENERATED_TOKENS.get(name, 0) + result.new_tokens
+
+    Generator.stream = stream
+    yield GENERATED_TOKENS
+    Generator.stream = original
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "session_end: run after every other test (it reads what they recorded)")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("session_end") is not None)  # stable: others keep order

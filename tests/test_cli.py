@@ -62,16 +62,16 @@ def test_fixture_command(tmp_path):
     assert bad.exit_code == 2 and "unknown preset 'gpt-5'" in bad.output
 
 
-def test_full_fixture_refuses_when_disk_is_too_small(tmp_path):
+def test_full_fixture_refuses_when_disk_is_too_small(tmp_path, monkeypatch):
+    """A disk that reports 50 GB free (shutil.disk_usage, what the check reads) cannot hold the 70B
+    fixture's 141 GB: refused before anything is written."""
     import shutil
-
-    import pytest
-    from edge_export.presets import preset_spec
-    need = preset_spec("r1-distill-llama-70b").parameter_count * 2
-    if shutil.disk_usage(tmp_path).free >= need:
-        pytest.skip("this disk could hold the 70B fixture; refusing is only tested where it cannot")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=50 * 10**9))
     out = CliRunner().invoke(main, ["fixture", "--preset", "r1-distill-llama-70b", "--scale", "full", "-o", str(tmp_path / "big")])
-    assert out.exit_code == 2 and "needs 141.1 GB of disk" in out.output
+    assert out.exit_code == 2 and out.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'big'}: r1-distill-llama-70b at scale full needs 141.1 GB of disk, only 50.0 GB free; "
+        "choose another folder or --scale tiny"]
     assert not (tmp_path / "big").exists()
 
 

@@ -1,6 +1,7 @@
 """The coreml target on Linux: the package's interface, its ops, its compressed weights against our
 quantizer's, the converted torch module against the reference decoder; the coreml backend's
-refusal off macOS, and the same weights run by the reference backend."""
+refusal off macOS, and the same weights run by the reference backend; the coreml backend's
+predict path generating through a STAND-IN MLModel (tests/standins.py) where Core ML cannot run."""
 import json
 import struct
 
@@ -21,9 +22,14 @@ ct = pytest.importorskip("coremltools", reason="coremltools is not installed (pi
                                                "the coreml target cannot convert here")
 torch = pytest.importorskip("torch", reason="torch is not installed: the coreml target traces a torch module")
 
-from edge_export.targets.coreml_torch import CoreMLDecoder, TorchModuleBackend  # noqa: E402
+from edge_export.targets.coreml_torch import CoreMLDecoder, TorchModuleBackend, verification_module  # noqa: E402
 from runtimes.artifact import load_artifact  # noqa: E402
+from runtimes.backends.coreml import MIN_MACOS, CoreMLBackend, macos_version  # noqa: E402
+from runtimes.errors import ContextOverflowError  # noqa: E402
 from runtimes.weights import ArtifactWeights  # noqa: E402
+
+from .skip_policy import NO_COREML_PREDICTION  # noqa: E402
+from .standins import StandinMLModel  # noqa: E402
 
 PROMPTS = ["What is the boiling point of water at sea level in Celsius?", "How do I reverse a string in Python?",
            "Name three primary colors.", "What is 12 times 12?"]
@@ -183,6 +189,65 @@ def test_coreml_backend_refuses_off_macos_and_reference_runs_the_same_weights(sm
     rt = runtimes.load(folder, backend="reference")
     result = rt.generate("What is 2+3?", temperature=0, max_new_tokens=6)
     assert result.new_tokens > 0 and (result.answer or result.thinking).strip()
+
+
+@pytest.fixture
+def standin_coreml(monkeypatch):
+    """The coreml backend as on a Mac, with Core ML's MLModel replaced by StandinMLModel (STAND-IN)."""
+    monkeypatch.setattr(CoreMLBackend, "available", classmethod(lambda cls: (True, "")))
+    monkeypatch.setattr(ct.models, "MLModel", StandinMLModel)
+    return StandinMLModel
+
+
+def test_coreml_backend_generates_through_a_standin_mlmodel(smol, standin_coreml):
+    """The backend's own bookkeeping (one state per generation, the causal mask over the cached
+    positions, the position count) drives the stand-in; its greedy tokens must be those of the
+    module driven by the verification path's own bookkeeping, bit for bit, generation after
+    generation."""
+    folder, _ = smol
+    rt = runtimes.load(folder)  # the manifest's backend
+    assert isinstance(rt.backend, CoreMLBackend) and isinstance(rt.backend.model, StandinMLModel)
+    module = runtimes.Runtime(rt.artifact, TorchModuleBackend(verification_module(rt.artifact), threads=1))
+    for prompt in PROMPTS[:3]:  # a second and third generation: each must start from a fresh state
+        ours = rt.generate(prompt, temperature=0, max_new_tokens=12, ignore_eos=True)
+        expected = module.generate(prompt, temperature=0, max_new_tokens=12, ignore_eos=True)
+        assert ours.tokens == expected.tokens and len(ours.tokens) == 12, prompt
+        assert (ours.thinking + ours.answer).strip()
+    assert rt.backend.model.predictions == 3 * 12  # a prefill and 11 decodes each
+
+
+def test_coreml_backend_sends_what_the_package_declares(smol, standin_coreml):
+    """The stand-in checks inputs against the package's description, as Core ML does."""
+    folder, _ = smol
+    backend = runtimes.load(folder).backend
+    logits = backend.prefill([1, 2, 3])
+    assert logits.shape == (49152,) and logits.dtype == np.float32 and backend.position == 3
+    backend.decode(5)
+    assert backend.position == 4
+    with pytest.raises(ValueError, match=r"input_ids: int64, the model takes int32"):
+        backend.model.predict({"input_ids": np.zeros((1, 1), np.int64), "causal_mask": np.zeros((1, 1, 1, 1), np.float16)},
+                              state=backend.model.make_state())
+    with pytest.raises(ContextOverflowError, match="do not fit the Core ML model's context of 512"):
+        backend.prefill(list(range(3, 600)))
+
+
+def test_coreml_backend_compute_units(smol, standin_coreml):
+    folder, _ = smol
+    units = {None: ct.ComputeUnit.ALL, "cpu": ct.ComputeUnit.CPU_ONLY, "ane": ct.ComputeUnit.CPU_AND_NE}
+    for provider, unit in units.items():
+        assert runtimes.load(folder, provider=provider).backend.model.compute_units == unit
+    with pytest.raises(BackendUnavailableError, match="--provider 'cuda' is not a Core ML compute unit"):
+        runtimes.load(folder, provider="cuda")
+
+
+@pytest.mark.skipif((macos_version() or (0,)) < MIN_MACOS, reason=f"{NO_COREML_PREDICTION}: runs Core ML itself")
+def test_core_ml_itself_agrees_with_the_standin(smol):  # pragma: no cover - macOS 15+ only
+    folder, _ = smol
+    real = runtimes.load(folder)
+    standin = runtimes.Runtime(real.artifact, TorchModuleBackend(verification_module(real.artifact)))
+    ours = real.generate(PROMPTS[0], temperature=0, max_new_tokens=8, ignore_eos=True)
+    theirs = standin.generate(PROMPTS[0], temperature=0, max_new_tokens=8, ignore_eos=True)
+    assert ours.tokens[:4] == theirs.tokens[:4]  # float16 compute on Core ML vs torch's
 
 
 def test_cli_export_and_run(tiny_llama, tmp_path):

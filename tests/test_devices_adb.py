@@ -129,10 +129,12 @@ STANDIN_MODEL_BENCHMARK = textwrap.dedent('''\
     avg, p50, sd, n = stats(e2e_times)
     print("E2E generation (entire generation loop):\\n\\tavg (ms):       %g\\n\\tp50 (ms):       %g\\n"
           "\\tstddev (ms):    %g\\n\\tn:              %d" % (avg * 1e3, p50 * 1e3, sd * 1e3, n))
-    print("Peak working set size (bytes): %d" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("Peak working set size: %d bytes (%.2f MB)" % (peak, peak / 2**20))  # main.cpp's current spelling
 ''')
 
-# model_benchmark's report as main.cpp prints it (C++ iostream's 6 significant digits).
+# model_benchmark's report as main.cpp printed it (C++ iostream's 6 significant digits) until the peak
+# working set line became "Peak working set size: N bytes (1.12 GB)" (REPORT_CURRENT below).
 REPORT = """\
 Batch size: 1, prompt tokens: 128, tokens to generate: 128
 Prompt processing (time to first token):
@@ -160,6 +162,8 @@ E2E generation (entire generation loop):
 \tn:              5
 Peak working set size (bytes): 1200000000
 """
+REPORT_CURRENT = REPORT.replace("Peak working set size (bytes): 1200000000",
+                                "Peak working set size: 1200000000 bytes (1.12 GB)")
 
 
 def _executable(path: Path, text: str) -> Path:
@@ -197,12 +201,13 @@ def artifact(tiny_llama, tmp_path_factory):
     return out
 
 
-def test_parse_model_benchmark_report_takes_only_what_it_prints():
-    figures = parse_model_benchmark(REPORT)
+@pytest.mark.parametrize("report", [REPORT, REPORT_CURRENT], ids=["older", "current"])
+def test_parse_model_benchmark_report_takes_only_what_it_prints(report):
+    figures = parse_model_benchmark(report)
     assert figures == {"prompt_tokens": 128, "new_tokens": 128, "ttft_ms": 150.0, "prefill_tok_s": 853.3,
                        "decode_tok_s": 40.0, "runs": 5, "peak_rss_mb": pytest.approx(1144.4, abs=0.1)}
     assert "ttft_ms_p90" not in figures and "decode_tok_s_p10" not in figures  # it prints no p90
-    cut = parse_model_benchmark(REPORT.split("Token generation")[0])  # output that stopped early
+    cut = parse_model_benchmark(report.split("Token generation")[0])  # output that stopped early
     assert set(cut) == {"prompt_tokens", "new_tokens", "ttft_ms", "prefill_tok_s"}
     assert parse_model_benchmark("Exception: could not load model\n") == {}
 

@@ -26,13 +26,14 @@ from edge_export.fixtures import R1_SPECIALS, byte_level_tokenizer  # noqa: E402
 from edge_export.verify import data_file  # noqa: E402
 
 from .conftest import SIMPLE_R1_TEMPLATE, SMALL_VOCAB, small_vocab_checkpoint  # noqa: E402
+from .skip_policy import NO_OPTIMUM  # noqa: E402
 
 try:
     from optimum.exporters.onnx import main_export  # noqa: F401
     OPTIMUM_MISSING = None
 except ImportError as e:  # not installed, or installed beside a transformers it does not support
-    OPTIMUM_MISSING = (f"optimum-onnx is not importable here ({e}); pip install 'edge-export[optimum]' "
-                       "(optimum-onnx 0.1.0 needs transformers<4.58)")
+    OPTIMUM_MISSING = (f"{NO_OPTIMUM}, so .[all,dev] leaves it out and it does not import here ({e}); "
+                       "pip install 'edge-export[optimum]' in an environment of its own")
 needs_optimum = pytest.mark.skipif(OPTIMUM_MISSING is not None, reason=OPTIMUM_MISSING or "")
 PROMPTS = 6  # of the built-in verification prompts, to keep the exports quick
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -26,11 +28,13 @@ from edge_export.cli import main
 from edge_export.engine import summarize_layers
 from edge_export.export import ExportOptions, export
 from runtimes.backends.tensorrt import TensorRTBackend, engine_mismatch
-from runtimes.errors import BackendUnavailableError
+from runtimes.errors import ArtifactError, BackendUnavailableError
+
+from .skip_policy import NO_TENSORRT
+from .standins import StandinEngineBuilder
 
 onnx = pytest.importorskip("onnx")
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-NO_TENSORRT = "TensorRT is not installed (it comes from NVIDIA's index and needs an NVIDIA GPU)"
 
 
 def cli(*args):
@@ -74,17 +78,21 @@ def test_int4_graph_follows_tensorrt_rules(int4_artifact):
     assert {n.domain for n in model.graph.node} <= {""}
 
 
-@pytest.mark.skipif(shutil.which("polygraphy") is None, reason="polygraphy is not installed (pip install polygraphy)")
+# polygraphy's console script (it has no __main__) run by this interpreter: found whether or not a venv's bin is on PATH
+POLYGRAPHY = [sys.executable, "-c", "import sys; from polygraphy.tools import main; sys.exit(main())"]
+
+
 def test_polygraphy_reads_and_sanitizes_the_graph(int4_artifact, tmp_path):
-    """TensorRT's own ONNX tooling: `inspect model` reads the graph, `surgeon sanitize
-    --fold-constants` folds what it can without touching a Q/DQ node, and the folded graph
-    computes the same logits on onnxruntime."""
+    """TensorRT's own ONNX tooling (polygraphy, in `.[all]`): `inspect model` reads the graph,
+    `surgeon sanitize --fold-constants` folds what it can without touching a Q/DQ node, and the
+    folded graph computes the same logits on onnxruntime."""
     import onnxruntime as ort
     model = int4_artifact / "model.onnx"
-    shown = subprocess.run(["polygraphy", "inspect", "model", str(model)], capture_output=True, text=True, timeout=300)
-    assert shown.returncode == 0 and "ONNX Opset: 21" in shown.stdout and "past_key_values.1.value" in shown.stdout
+    shown = subprocess.run(POLYGRAPHY + ["inspect", "model", str(model)], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "ONNX Opset: 21" in shown.stdout and "past_key_values.1.value" in shown.stdout
     folded = tmp_path / "sanitized.onnx"
-    done = subprocess.run(["polygraphy", "surgeon", "sanitize", str(model), "--fold-constants", "-o", str(folded)],
+    done = subprocess.run(POLYGRAPHY + ["surgeon", "sanitize", str(model), "--fold-constants", "-o", str(folded)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
@@ -185,6 +193,78 @@ def test_tensorrt_backend_says_why_it_cannot_run_here(int4_artifact):
     assert not ok and "TensorRT" in why
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         runtimes.load(int4_artifact, backend="tensorrt")
+
+
+def _inodes(folder):
+    return {p.relative_to(folder).as_posix(): p.stat().st_ino for p in folder.rglob("*") if p.is_file()}
+
+
+def test_build_engine_publishes_atomically_with_a_standin_builder(int4_artifact, tmp_path):
+    """build-engine's own staging, hard links and publish, around a STAND-IN builder (TensorRT
+    needs an NVIDIA GPU): the artifact gains the engine and a manifest that lists it, its other
+    files are the very same inodes (linked, not copied), and a rebuild replaces the engine."""
+    from edge_export.artifact import TMP_TAG
+    from edge_export.engine import build_engine
+    folder = tmp_path / "art"
+    shutil.copytree(int4_artifact, folder)
+    before, inodes = json.loads((folder / "edge_manifest.json").read_text()), _inodes(folder)
+    builder = StandinEngineBuilder()
+    engine = build_engine(folder, builder=builder)
+    manifest = json.loads((folder / "edge_manifest.json").read_text())
+    assert manifest["engine"] == engine and engine["built"] and engine["tensorrt"] == "stand-in"
+    assert engine["gpu"]["name"] == "STAND-IN GPU" and engine["layers"]["by_precision"] == {"fp16": 1}
+    assert manifest["backend"] == "tensorrt" and "model.engine" in manifest["files"]
+    built = json.loads((folder / "model.engine").read_bytes())
+    assert built["profiles"] == before["engine"]["profiles"]
+    for name in before["files"]:  # linked into the staging folder and swapped in, never copied
+        assert _inodes(folder)[name] == inodes[name] and manifest["files"][name] == before["files"][name], name
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging or set-aside folder left
+    runtimes.load(folder, backend="reference")  # every listed file checks against its sha256
+    engine_inode = (folder / "model.engine").stat().st_ino
+    again = build_engine(folder, builder=builder)  # a rebuild replaces the engine
+    assert again["built"] and json.loads((folder / "model.engine").read_bytes())["build"] == 2
+    assert (folder / "model.engine").stat().st_ino != engine_inode
+    assert not list(tmp_path.glob(f"*{TMP_TAG}*"))
+
+
+def test_a_failed_engine_build_changes_nothing(int4_artifact, tmp_path):
+    from edge_export.engine import EngineError, build_engine
+    folder = tmp_path / "art"
+    shutil.copytree(int4_artifact, folder)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    with pytest.raises(EngineError, match="parser refused"):
+        build_engine(folder, builder=StandinEngineBuilder(fail=EngineError("model.onnx: parser refused the graph")))
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == digest
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_an_engine_build_interrupted_while_publishing_leaves_the_artifact(int4_artifact, tmp_path, monkeypatch):
+    """A failure after the links and the engine are in the staging folder (here: the manifest
+    cannot be written) removes the staging folder and leaves the artifact as it was, loadable."""
+    import edge_export.engine as engine_module
+    folder = tmp_path / "art"
+    shutil.copytree(int4_artifact, folder)
+    manifest = (folder / "edge_manifest.json").read_bytes()
+
+    def no_room(staging, new):
+        assert (staging / "model.engine").is_file() and (staging / "model.onnx").stat().st_nlink == 2
+        raise OSError(28, os.strerror(28))  # ENOSPC
+    monkeypatch.setattr(engine_module, "write_manifest", no_room)
+    with pytest.raises(Exception, match="No space left|disk"):
+        engine_module.build_engine(folder, builder=StandinEngineBuilder())
+    assert (folder / "edge_manifest.json").read_bytes() == manifest and not (folder / "model.engine").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["art"] and (folder / "model.onnx").stat().st_nlink == 1
+    runtimes.load(folder, backend="reference")
+
+
+def test_tensorrt_backend_refuses_a_standin_engine_on_this_machine(int4_artifact, tmp_path):
+    """The engine the stand-in built records a GPU this machine is not; loading it says so."""
+    from edge_export.engine import build_engine
+    folder = tmp_path / "art"
+    shutil.copytree(int4_artifact, folder)
+    build_engine(folder, builder=StandinEngineBuilder())
+    with pytest.raises((BackendUnavailableError, ArtifactError), match="tensorrt|TensorRT|STAND-IN GPU"):
+        runtimes.load(folder)
 
 
 def test_layer_precision_summary_flags_fp8_that_does_not_run_in_fp8():

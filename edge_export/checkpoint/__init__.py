@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, needs_extra
 from .base import Checkpoint
 
 
 def _smollm2() -> Path:
-    from .gguf_reader import smollm2_gguf_path
+    with needs_extra("smollm2-135m (a GGUF file)"):
+        from .gguf_reader import smollm2_gguf_path
     return smollm2_gguf_path()
 
 
@@ -35,7 +36,8 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         from .hf import HFCheckpoint
         return HFCheckpoint(path)
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf_reader import GGUFCheckpoint
+        with needs_extra(f"{path}: reading a GGUF file"):
+            from .gguf_reader import GGUFCheckpoint
         return GGUFCheckpoint(path)
     if path.is_file():
         if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):

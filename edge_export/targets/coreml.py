@@ -169,7 +169,6 @@ def verify_scorer(artifact, options):
     (macOS 15+); elsewhere the converted torch module over the package's own weights, read back
     from weight.bin."""
     from runtimes.backends.coreml import CoreMLBackend
-    from runtimes.weights import ArtifactWeights
 
     from ..verify import RuntimeScorer
     if CoreMLBackend.available()[0]:
@@ -177,9 +176,8 @@ def verify_scorer(artifact, options):
         scorer.verified_with = "Core ML"
         return scorer
     _import()
-    from .coreml_torch import CoreMLDecoder, TorchModuleScorer
-    module = CoreMLDecoder(artifact.spec, ArtifactWeights(artifact), int(artifact.manifest["max_context"]))
-    return TorchModuleScorer(module, threads=options.threads)
+    from .coreml_torch import TorchModuleScorer, verification_module
+    return TorchModuleScorer(verification_module(artifact), threads=options.threads)
 
 
 def _available() -> tuple[bool, str]:

@@ -158,6 +158,13 @@ class CoreMLDecoder(nn.Module):
         return out
 
 
+def verification_module(artifact) -> CoreMLDecoder:
+    """What a Core ML export is verified with where Core ML cannot predict: the converted module
+    rebuilt from the package's own weights (read back from weight.bin), its cache at max_context."""
+    from runtimes.weights import ArtifactWeights
+    return CoreMLDecoder(artifact.spec, ArtifactWeights(artifact), int(artifact.manifest["max_context"])).eval()
+
+
 class TorchModuleBackend:
     """The module run in torch behind the runtime backend calls (prefill / decode), on ``threads``
     torch threads (None: torch's default)."""
