@@ -1,6 +1,7 @@
 """The reference decoder against llama.cpp on the same real GGUF: greedy answers, token for token.
 
-The reference decoder runs the GGUF's dequantized weights in float32 numpy; llama.cpp
+The reference decoder runs the GGUF's dequantized weights in float32 numpy (its layers, with the
+questions batched through each decode step as export verification runs them); llama.cpp
 (llama-cpp-python) runs the same file with its own kernels (which quantize activations for its
 quantized dot products, so a few answers drift apart after a near-tie). Both get the same prompt
 ids (the model's chat template over each of the 40 built-in questions) and generate up to
@@ -48,27 +49,28 @@ class LlamaCppGreedy:
         return out
 
 
-def reference_greedy(decoder, ids: list[int], new_tokens: int, eos: set[int]) -> list[int]:
-    out = [int(np.argmax(decoder.prefill(ids)))]
-    while len(out) < new_tokens and out[-1] not in eos:
-        out.append(int(np.argmax(decoder.decode(out[-1]))))
-    return out
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """A greedy continuation cut after its first end-of-sequence token."""
+    end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
+    return tokens[:end + 1]
 
 
 def compare(gguf: str = "smollm2-135m", new_tokens: int = 48, limit: int | None = None) -> dict:
     """Greedy answers of the reference decoder and llama.cpp to the built-in chat questions."""
     from edge_export.checkpoint import open_checkpoint, resolve
     from edge_export.evaluate import chat_questions
-    from runtimes.reference import ReferenceDecoder
+    from edge_export.verify import LayerMajorScorer
 
     ckpt = open_checkpoint(gguf)
     eos = set(ckpt.spec.eos_token_ids)
-    reference = ReferenceDecoder(ckpt.spec, ckpt.tensor, max_context=512)
+    questions = chat_questions()[:limit]
+    prompts = [ckpt.tokenizer.encode_chat(item["question"]) for item in questions]
+    # the reference decoder's layers, all questions batched through each decode step (weights read once a step)
+    greedy, _ = LayerMajorScorer(ckpt.spec, ckpt.tensor).greedy(prompts, new_tokens)
     llama = LlamaCppGreedy(resolve(gguf))
     rows = []
-    for item in chat_questions()[:limit]:
-        ids = ckpt.tokenizer.encode_chat(item["question"])
-        ours, theirs = reference_greedy(reference, ids, new_tokens, eos), llama.generate(ids, new_tokens, eos)
+    for item, ids, tokens in zip(questions, prompts, greedy):
+        ours, theirs = until_eos(tokens, eos), llama.generate(ids, new_tokens, eos)
         first_diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
                           None if len(ours) == len(theirs) else min(len(ours), len(theirs)))
         rows.append({"question": item["question"], "identical": ours == theirs, "first_difference": first_diff,

@@ -31,6 +31,7 @@ EXTRA_MODULES = {
     "torch": ("torch", "all"), "coremltools": ("coremltools", "all"), "onnx_ir": ("onnx-ir", "all"),
     "polygraphy": ("polygraphy", "all"), "onnx_graphsurgeon": ("onnx-graphsurgeon", "all"),
     "optimum": ("optimum-onnx", "optimum"),
+    "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"),
 }
 
 

@@ -181,9 +181,10 @@ def test_every_extra_module_is_in_setup_py():
             lists[node.targets[0].id] = node.value
     namespace: dict = {}
     for name, value in lists.items():
-        if name in ("RUNTIME", "EXPORT", "ALL", "DEV", "OPTIMUM"):
+        if name in ("RUNTIME", "EXPORT", "ALL", "SERVE", "DEV", "OPTIMUM"):
             namespace[name] = eval(compile(ast.Expression(value), "setup.py", "eval"), {}, dict(namespace))
-    extras = {"export": namespace["EXPORT"], "all": namespace["ALL"], "optimum": namespace["OPTIMUM"]}
+    extras = {"export": namespace["EXPORT"], "all": namespace["ALL"], "optimum": namespace["OPTIMUM"],
+              "serve": namespace["SERVE"]}
     def names(requirements):
         return {re.split(r"[<>=;\s]", req)[0] for req in requirements}
     for module, (pip_name, extra) in EXTRA_MODULES.items():
