@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger("gguf_kquants")
 MAX_NEW = 48
 FLOOR = {"identical": 10, "correct_below_llama_cpp": 2}  # issue 13's floor on the 40 questions
 
@@ -78,16 +80,22 @@ def compare(gguf: Path, artifact: Path, questions: list[dict], threads: int = 2)
     ckpt = GGUFCheckpoint(gguf)
     eos = set(ckpt.spec.eos_token_ids) | set(ckpt.spec.generation.get("eos_token_ids", []))
     prompts = [ckpt.tokenizer.encode_chat(q["question"]) for q in questions]
+    log.info("greedy answers of the artifact to %d questions", len(prompts))
     ours = artifact_greedy(artifact, prompts, threads)
+    log.info("greedy answers of llama.cpp on %s", gguf.name)
     theirs = llama_cpp_greedy(gguf, prompts, eos, threads)
 
+    def answer(tokens):  # up to EOS, without it (the Generator does not return it, llama.cpp's loop does)
+        return [int(t) for t in tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]]
+
     def text(tokens):
-        return ckpt.tokenizer.decode([t for t in tokens if t not in eos], skip_special=True).strip()
+        return ckpt.tokenizer.decode(answer(tokens), skip_special=True).strip()
 
     def correct(q, tokens):
         return any(s.lower() in text(tokens).lower() for s in q["answer_contains"])
-    rows = [{"question": q["question"], "identical": a == b, "correct": correct(q, a), "llama_cpp_correct": correct(q, b),
-             "answer": text(a), "llama_cpp_answer": text(b)} for q, a, b in zip(questions, ours, theirs)]
+    rows = [{"question": q["question"], "identical": answer(a) == answer(b), "correct": correct(q, a),
+             "llama_cpp_correct": correct(q, b), "answer": text(a), "llama_cpp_answer": text(b),
+             "tokens": answer(a), "llama_cpp_tokens": answer(b)} for q, a, b in zip(questions, ours, theirs)]
     return {"questions": len(rows), "identical": sum(r["identical"] for r in rows),
             "correct": sum(r["correct"] for r in rows), "llama_cpp_correct": sum(r["llama_cpp_correct"] for r in rows),
             "rows": rows}
@@ -122,12 +130,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/gguf_q4km_smollm2.json")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from edge_export.evaluate import chat_questions
     import llama_cpp
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         gguf = make_q4km(work)
+        log.info("export --method keep of %s", gguf.name)
         manifest = export_keep(gguf, work / "artifact", args.threads)
         result = compare(gguf, work / "artifact", chat_questions()[:args.questions], args.threads)
     result.update(census=carried_census(manifest, gguf), llama_cpp_python=llama_cpp.__version__,

@@ -33,12 +33,11 @@ from runtimes.weights import ArtifactWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny R1-shaped model: every linear's input width a multiple of 256 (K-quant super-blocks).
-# The preset tests use a 1024-token vocabulary and no tokenizer (fast); the export tests the real R1
-# tokenizer and its 152064-token vocabulary, an artifact needs one.
+# Widths multiples of 256 (K-quant super-blocks), a vocabulary of 1024 (the R1 tokenizer's first 1024
+# tokens and the merges among them, where the export tests need a tokenizer).
 R1_TINY = dict(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=512,
                vocab_size=1024, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
                attention_bias=True)
-R1_VOCAB = 152064
 # llama.cpp preset -> the GGML types it must write on the tiny model's linears (besides F32 norms/biases)
 PRESETS = {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "Q3_K_M": {"Q3_K", "Q4_K", "Q5_K", "Q6_K"},
            "Q2_K": {"Q2_K", "Q3_K", "Q6_K"}, "Q5_1": {"Q5_1", "Q6_K"}, "Q5_0": {"Q5_0", "Q6_K"},
@@ -58,10 +57,9 @@ def smollm2_q4km(tmp_path_factory) -> Path:
 
 def write_r1_tiny_float(path: Path, tokenizer: bool, seed: int = 0) -> ModelSpec:
     """A qwen2 GGUF of R1_TINY's shape in F16 (norms and biases F32), written with gguf-py; with
-    ``tokenizer`` the real R1-Distill tokenizer and chat template copied from the packaged header
-    (and its vocabulary size)."""
-    spec = ModelSpec("Qwen2ForCausalLM", tied_embeddings=False,
-                     **dict(R1_TINY, vocab_size=R1_VOCAB if tokenizer else R1_TINY["vocab_size"]))
+    ``tokenizer`` the R1-Distill tokenizer cut to the vocabulary and its chat template, copied from
+    the packaged header."""
+    spec = ModelSpec("Qwen2ForCausalLM", tied_embeddings=False, **R1_TINY)
     rng = np.random.default_rng(seed)
     u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
     writer = gguf.GGUFWriter(str(path), "qwen2")
@@ -72,7 +70,7 @@ def write_r1_tiny_float(path: Path, tokenizer: bool, seed: int = 0) -> ModelSpec
     writer.add_key_value("qwen2.rope.freq_base", spec.rope_theta, f32)
     writer.add_key_value("qwen2.attention.layer_norm_rms_epsilon", spec.rms_norm_eps, f32)
     if tokenizer:
-        _copy_tokenizer(writer, read_gguf_metadata(r1_qwen_gguf_path()))
+        _copy_tokenizer(writer, read_gguf_metadata(r1_qwen_gguf_path()), spec.vocab_size)
     else:
         writer.add_key_value("qwen2.vocab_size", spec.vocab_size, u32)
     names = {spec.tensor_name(k, i): v.format(bid=i) for k, v in GGUF_LAYER_TENSORS.items()
@@ -88,21 +86,22 @@ def write_r1_tiny_float(path: Path, tokenizer: bool, seed: int = 0) -> ModelSpec
     return spec
 
 
-def _copy_tokenizer(writer, metadata: dict) -> None:
+def _copy_tokenizer(writer, metadata: dict, vocab: int) -> None:
+    """The tokenizer.* keys, cut to the first ``vocab`` tokens (the byte tokens come first) and the
+    merges whose pieces and result all lie among them; bos/eos ids moved into range."""
     t = gguf.GGUFValueType
-    for key, value in metadata.items():
-        if not key.startswith("tokenizer."):
-            continue
-        if isinstance(value, str):
-            writer.add_key_value(key, value, t.STRING)
-        elif isinstance(value, bool):
-            writer.add_key_value(key, value, t.BOOL)
-        elif isinstance(value, int):
-            writer.add_key_value(key, value, t.UINT32)
-        elif isinstance(value, list):
-            writer.add_key_value(key, value, t.ARRAY, t.STRING)
-        else:
-            writer.add_key_value(key, [int(v) for v in value], t.ARRAY, t.INT32)
+    tokens = metadata["tokenizer.ggml.tokens"][:vocab]
+    known = set(tokens)
+    merges = [m for m in metadata["tokenizer.ggml.merges"]
+              if all(p in known for p in m.split(" ")) and m.replace(" ", "") in known]
+    writer.add_key_value("tokenizer.ggml.model", "gpt2", t.STRING)
+    writer.add_key_value("tokenizer.ggml.pre", metadata["tokenizer.ggml.pre"], t.STRING)
+    writer.add_key_value("tokenizer.ggml.tokens", tokens, t.ARRAY, t.STRING)
+    writer.add_key_value("tokenizer.ggml.merges", merges, t.ARRAY, t.STRING)
+    writer.add_key_value("tokenizer.ggml.token_type", [1] * vocab, t.ARRAY, t.INT32)
+    writer.add_key_value("tokenizer.ggml.bos_token_id", vocab - 2, t.UINT32)
+    writer.add_key_value("tokenizer.ggml.eos_token_id", vocab - 1, t.UINT32)
+    writer.add_key_value("tokenizer.chat_template", metadata["tokenizer.chat_template"], t.STRING)
 
 
 @pytest.fixture(scope="session")
@@ -241,15 +240,17 @@ def test_coreml_carries_the_codes_and_rounds_only_k_quant_scales_to_fp16(r1_tiny
         assert np.allclose(packed.dequantized(), expected, rtol=0, atol=np.abs(expected).max() * 2e-3), name
 
 
-def test_tensorrt_requantizes_and_says_so(r1_tiny_q4km, tmp_path):
-    """TensorRT's dequantization takes no minimums: it re-quantizes a K-quant GGUF's tensors (RTN from
-    gguf-py's values), and the manifest names each one re-quantized with its source type."""
+def test_tensorrt_and_qnn_requantize_and_say_so(r1_tiny_q4km, tmp_path):
+    """TensorRT's dequantization takes no minimums and QNN has its own int4 form (LPBQ): both
+    re-quantize a K-quant GGUF's tensors, and the manifest names each one re-quantized, with its
+    source type."""
     path = r1_tiny_q4km
-    manifest = _export(path, tmp_path / "trt", target="tensorrt")
-    records = manifest["quantization"]["tensors"]
     q = "model.layers.0.self_attn.q_proj.weight"
+    records = _export(path, tmp_path / "trt", target="tensorrt")["quantization"]["tensors"]
     assert records[q] == {**records[q], "source": "requantized", "source_type": "Q4_K"}
     assert records[q]["scheme"]["method"] == "rtn"
+    records = _export(path, tmp_path / "qnn", target="onnx", variant="qnn")["quantization"]["tensors"]
+    assert records[q] == {**records[q], "source": "requantized", "source_type": "Q4_K", "requantized_by": "onnx/qnn"}
 
 
 def test_unsupported_type_names_the_tensor_and_honest_advice(tmp_path):
