@@ -32,7 +32,7 @@ CALIBRATED = ("awq", "gptq")
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 at a time for row-chunked quantization
 
 
-FLOAT_TYPES = ("F32", "F16", "BF16", "float32", "float16", "bfloat16")
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGML float types
 
 
 @dataclass
@@ -142,7 +142,7 @@ class QuantizedWeights:
         if getattr(config, "activation_scales", False):  # outside the observed layers: weights only
             config = dataclasses.replace(config, activation_scales=False)
         qt = self._quantize_rows(source, name, config, stats)
-        self.records[name] = TensorRecord(qt.scheme, "quantized" if stored in FLOAT_TYPES else "requantized", stored)
+        self.records[name] = TensorRecord(qt.scheme, self._fresh(stored), stored)
         return qt
 
     def _quantize_rows(self, source: str, name: str, config, stats: Stats | None = None) -> QuantizedTensor:
@@ -157,6 +157,10 @@ class QuantizedWeights:
         parts = [quantizers.quantize(self.ckpt.tensor(source, rows=slice(r, r + step)), config, name, stats)
                  for r in range(0, rows, step)]
         return _concat_rows(parts)
+
+    def _fresh(self, stored: str) -> str:
+        """How a tensor quantized here is recorded: ``requantized`` when a GGUF stored it quantized."""
+        return "requantized" if self.ckpt.format == "gguf" and stored not in FLOAT_TYPES else "quantized"
 
     def _serves_as_head(self, name: str) -> bool:
         return name == self.spec.tensor_name("lm_head") or (
@@ -247,7 +251,7 @@ class QuantizedWeights:
         point = next(p for p, keys in POINTS.items() if key in keys)
         qt = quantizers.quantize(weight, config, name, stats[point])
         stored = self.ckpt.stored_dtype(name)
-        self.records[name] = TensorRecord(qt.scheme, "quantized" if stored in FLOAT_TYPES else "requantized", stored)
+        self.records[name] = TensorRecord(qt.scheme, self._fresh(stored), stored)
         return qt
 
     def _observe(self, i: int, lw: LayerWeights) -> dict[str, Stats] | None:

@@ -223,21 +223,22 @@ def test_r1_tiny_q4km_artifact_stores_exactly_gguf_pys_values(r1_tiny_q4km, tmp_
         assert np.array_equal(stored(name), gguf_py_tensor(path, name, ckpt)), name
 
 
-def test_coreml_carries_the_codes_and_rounds_only_k_quant_scales_to_fp16(r1_tiny):
-    """coreml's stored form keeps each GGUF code; its fp16 scales and offsets round a K-quant group's
-    float32 scale (fp16 d times a 6-bit integer), so the values agree to fp16 precision."""
-    from edge_export.targets.coreml_weights import pack_weight
-    path = r1_tiny["Q4_K_M"]
+def test_coreml_carries_the_codes_and_rounds_only_scales_to_fp16(r1_tiny_q4km, tmp_path):
+    """coreml carries each GGUF code (Q4_K as uint4 with a float16 offset, Q6_K as int8 groups of 16);
+    the fp16 program's float16 scales round a K-quant group's scale (fp16 d times a 6-bit integer),
+    so the package's weights agree with gguf-py's to fp16 precision, not bit for bit."""
+    path = r1_tiny_q4km
     ckpt = GGUFCheckpoint(path)
-    weights = QuantizedWeights(ckpt, quant_rules(ExportOptions(method="keep")))
-    for key in ("q_proj", "v_proj", "down_proj"):
-        name = ckpt.spec.tensor_name(key, 0)
-        qt = weights.get(name)
-        packed = pack_weight(name, qt)
-        codes = qt.q.astype(np.int16) - (8 if packed.data_type == "int4" else 0)
-        assert np.array_equal(packed.data.astype(np.int16), codes)
+    manifest = _export(path, tmp_path / "coreml", target="coreml")
+    records = manifest["quantization"]["tensors"]
+    stored = ArtifactWeights(_Artifact(tmp_path / "coreml", manifest))
+    for name, shape in ckpt.spec.tensor_shapes().items():
+        if len(shape) == 1:
+            continue
+        assert records[name]["source"] in ("carried", "decomposed"), name
+        assert (manifest["weights"][name]["offset"] is not None) == (records[name]["source_type"] == "Q4_K"), name
         expected = gguf_py_tensor(path, name, ckpt)
-        assert np.allclose(packed.dequantized(), expected, rtol=0, atol=np.abs(expected).max() * 2e-3), name
+        assert np.allclose(stored(name), expected, rtol=0, atol=np.abs(expected).max() * 2e-3), name
 
 
 def test_tensorrt_and_qnn_requantize_and_say_so(r1_tiny_q4km, tmp_path):
