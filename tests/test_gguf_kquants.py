@@ -114,14 +114,20 @@ def r1_tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def r1_tiny_q4km(tmp_path_factory) -> Path:
-    """The tiny R1-shaped model with the real R1 tokenizer, as llama.cpp's Q4_K_M (for exports)."""
+def r1_tiny_tokenized(tmp_path_factory) -> dict[str, Path]:
+    """The tiny R1-shaped model with a tokenizer (an artifact needs one), as llama.cpp's Q4_K_M (Q4_K
+    with minimums as int4 + residual, Q6_K as int8) and Q5_K_M (Q5_K: int8 codes + residual)."""
     work = tmp_path_factory.mktemp("r1-tiny-tok")
     source = work / "r1-tiny-f16.gguf"
     write_r1_tiny_float(source, tokenizer=True)
-    out = llama_cpp_quantize(source, work / "r1-tiny-Q4_K_M.gguf", "Q4_K_M")
+    made = {preset: llama_cpp_quantize(source, work / f"r1-tiny-{preset}.gguf", preset) for preset in ("Q4_K_M", "Q5_K_M")}
     source.unlink()
-    return out
+    return made
+
+
+@pytest.fixture(scope="session")
+def r1_tiny_q4km(r1_tiny_tokenized) -> Path:
+    return r1_tiny_tokenized["Q4_K_M"]
 
 
 def gguf_py_tensor(path: Path, name: str, ckpt: GGUFCheckpoint) -> np.ndarray:
@@ -207,11 +213,12 @@ class _Artifact:
         return self.path / name
 
 
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q5_K_M"])
 @pytest.mark.parametrize("variant", ["ort", "portable"])
-def test_r1_tiny_q4km_artifact_stores_exactly_gguf_pys_values(r1_tiny_q4km, tmp_path, variant):
+def test_r1_tiny_artifact_stores_exactly_gguf_pys_values(r1_tiny_tokenized, tmp_path, variant, preset):
     """The codes, scales and residuals an onnx artifact stores, expanded from its files through the
     manifest's weights table, equal gguf-py's dequantization of each tensor of llama.cpp's file."""
-    path = r1_tiny_q4km
+    path = r1_tiny_tokenized[preset]
     ckpt = GGUFCheckpoint(path)
     manifest = _export(path, tmp_path / variant, target="onnx", variant=variant, method="keep")
     records = manifest["quantization"]["tensors"]
@@ -219,7 +226,7 @@ def test_r1_tiny_q4km_artifact_stores_exactly_gguf_pys_values(r1_tiny_q4km, tmp_
     for name, shape in ckpt.spec.tensor_shapes().items():
         if len(shape) == 1:
             continue
-        assert records[name]["source_type"] in ("Q4_K", "Q6_K") and records[name]["source"] != "requantized"
+        assert records[name]["source_type"] in PRESETS[preset] and records[name]["source"] != "requantized"
         assert np.array_equal(stored(name), gguf_py_tensor(path, name, ckpt)), name
 
 
