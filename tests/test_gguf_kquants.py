@@ -120,7 +120,8 @@ def r1_tiny_tokenized(tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("r1-tiny-tok")
     source = work / "r1-tiny-f16.gguf"
     write_r1_tiny_float(source, tokenizer=True)
-    made = {preset: llama_cpp_quantize(source, work / f"r1-tiny-{preset}.gguf", preset) for preset in ("Q4_K_M", "Q5_K_M")}
+    made = {preset: llama_cpp_quantize(source, work / f"r1-tiny-{preset}.gguf", preset)
+            for preset in ("Q4_K_M", "Q5_K_M")}
     source.unlink()
     return made
 
