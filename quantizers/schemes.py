@@ -63,7 +63,7 @@ class Int4Config(_SchemeConfig):
 
     method: ``rtn`` round-to-nearest; ``awq`` activation-aware scaling (needs calibration
     stats); ``gptq`` Hessian-based error compensation (needs stats); ``keep`` weights that
-    arrive already quantized (GGUF Q4_0/Q4_1) are carried as they are — see
+    arrive already quantized (GGUF Q4_0/Q4_1/Q4_K blocks) are carried as they are — see
     :func:`quantizers.from_gguf_blocks`. ``act_order`` and ``damp`` are GPTQ's; ``clip_search``
     shrinks each group's range to minimise its squared error (any method but ``keep``).
     """
