@@ -46,8 +46,8 @@ def _stored_bytes(weights, ckpt) -> int:
         record = weights.records.get(name)
         config = scheme_from_dict(record.scheme) if record and record.scheme else None
         total += tensor_bytes(shape, config, 4)
-        if record and record.source == "decomposed":  # GGUF Q4_1's per-block float residual
-            total += shape[0] * (shape[-1] // 32) * 4
+        if record and record.source == "decomposed":  # a GGUF minimum's per-group float residual
+            total += shape[0] * (shape[-1] // (record.scheme.get("group_size") or 32)) * 4
     return total
 
 

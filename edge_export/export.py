@@ -204,12 +204,22 @@ def _manifest(ckpt, options, target, variant, rules, weights, lowered) -> dict:
         "model": spec.to_dict(),
         "source": {"path": str(ckpt.path), "format": ckpt.format, "dtype": ckpt.dtype},
         "quantization": {"quant": options.quant, "method": options.method, "rules": rules.to_list(),
-                         "tensors": {n: r.to_dict() for n, r in weights.records.items()}},
+                         "tensors": _tensor_records(weights.records, lowered, target.name, variant)},
         "max_context": options.max_context,
         "graph": lowered["graph"], "weights": lowered["weights"],
         **({"engine": lowered["engine"]} if "engine" in lowered else {}),
         **tokenizer_fields(spec, ckpt.tokenizer),
     }
+
+
+def _tensor_records(records: dict, lowered: dict, target: str, variant: str | None) -> dict:
+    """The per-tensor records; a tensor the target re-quantized in its own form (qnn's
+    ``graph.quantization.requantized_weights``) is recorded as such, whatever it arrived as."""
+    out = {name: record.to_dict() for name, record in records.items()}
+    for name in lowered.get("graph", {}).get("quantization", {}).get("requantized_weights", []):
+        if name in out and out[name]["source"] != "requantized":
+            out[name].update(source="requantized", requantized_by=f"{target}/{variant}" if variant else target)
+    return out
 
 
 def tokenizer_fields(spec, tok) -> dict:

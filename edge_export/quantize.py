@@ -32,14 +32,28 @@ CALIBRATED = ("awq", "gptq")
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 at a time for row-chunked quantization
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGML float types
+
+
 @dataclass
 class TensorRecord:
-    """What happened to one tensor, for the manifest."""
+    """What happened to one tensor, for the manifest.
+
+    ``source``: float (kept wide), quantized (from float weights), carried (a GGUF's codes and
+    scales as they are), decomposed (carried, the GGUF minimum split into an integer zero point
+    and a float residual, or kept as the residual), requantized (a GGUF tensor's dequantized
+    values quantized again: not exact). ``source_type``: how the checkpoint stores it (GGML
+    type such as Q4_K, or the safetensors dtype).
+    """
     scheme: dict | None
     source: str  # float | quantized | carried | decomposed | requantized
+    source_type: str | None = None
 
     def to_dict(self) -> dict:
-        return {"scheme": self.scheme, "source": self.source}
+        out = {"scheme": self.scheme, "source": self.source}
+        if self.source_type is not None:
+            out["source_type"] = self.source_type
+        return out
 
 
 class QuantizedWeights:
@@ -47,7 +61,9 @@ class QuantizedWeights:
 
     ``calibration``: prompt id lists, needed when any rule's method is awq or gptq, or with
     ``kv_ranges`` (static int8 KV-cache scales, read with :meth:`kv_scales`).
-    ``keep``: carry a GGUF's Q4_0 / Q4_1 / Q8_0 blocks as they are instead of re-quantizing.
+    With method ``keep``, a GGUF's quantized blocks (quantizers.gguf: Q4_0 ... Q8_0, K-quants,
+    IQ4) are carried as they are instead of re-quantized, each checked against gguf-py's
+    dequantization bit for bit.
     """
 
     def __init__(self, checkpoint, rules: Rules, calibration: list[list[int]] | None = None,
@@ -110,12 +126,13 @@ class QuantizedWeights:
         source = self.spec.tensor_name("embed") if (
             name == self.spec.tensor_name("lm_head") and self.spec.tied_embeddings) else name
         config = self.config(name)
+        stored = self.ckpt.stored_dtype(source)
         if config is None:
-            self.records[name] = TensorRecord(None, "float")
+            self.records[name] = TensorRecord(None, "float", stored)
             return self.ckpt.tensor(source)
         carried = self._carry(source, config)
         if carried is not None:
-            self.records[name] = TensorRecord(carried.scheme, _carry_kind(carried))
+            self.records[name] = TensorRecord(carried.scheme, _carry_kind(carried), stored)
             return carried
         stats = None
         if getattr(config, "method", None) == "gptq" and self._hidden is not None and self._serves_as_head(name):
@@ -125,7 +142,7 @@ class QuantizedWeights:
         if getattr(config, "activation_scales", False):  # outside the observed layers: weights only
             config = dataclasses.replace(config, activation_scales=False)
         qt = self._quantize_rows(source, name, config, stats)
-        self.records[name] = TensorRecord(qt.scheme, "requantized" if self.method == "keep" else "quantized")
+        self.records[name] = TensorRecord(qt.scheme, self._fresh(stored), stored)
         return qt
 
     def _quantize_rows(self, source: str, name: str, config, stats: Stats | None = None) -> QuantizedTensor:
@@ -140,6 +157,10 @@ class QuantizedWeights:
         parts = [quantizers.quantize(self.ckpt.tensor(source, rows=slice(r, r + step)), config, name, stats)
                  for r in range(0, rows, step)]
         return _concat_rows(parts)
+
+    def _fresh(self, stored: str) -> str:
+        """How a tensor quantized here is recorded: ``requantized`` when a GGUF stored it quantized."""
+        return "requantized" if self.ckpt.format == "gguf" and stored not in FLOAT_TYPES else "quantized"
 
     def _serves_as_head(self, name: str) -> bool:
         return name == self.spec.tensor_name("lm_head") or (
@@ -171,7 +192,21 @@ class QuantizedWeights:
         blocks = self.ckpt.quantized_blocks(name)
         if blocks is None:
             return None
-        return quantizers.from_gguf_blocks(blocks.ggml_type, blocks.d, blocks.codes, blocks.m)
+        qt = quantizers.from_gguf_blocks(blocks.ggml_type, blocks.d, blocks.codes, blocks.m)
+        self._check_carried(name, qt)
+        return qt
+
+    def _check_carried(self, name: str, qt: QuantizedTensor) -> None:
+        """The carried codes and scales, expanded, must equal gguf-py's dequantization of the
+        tensor bit for bit (our block unpacking is not gguf-py's); row chunks bound the memory."""
+        rows = qt.shape[0]
+        step = max(1, CHUNK_ELEMENTS // qt.shape[1])
+        for r in range(0, rows, step):
+            part = _rows(qt, slice(r, min(r + step, rows)))
+            if not np.array_equal(part.dequantize(), self.ckpt.tensor(name, rows=slice(r, r + step))):
+                raise ExportError(f"tensor {name}: its {self.ckpt.stored_dtype(name)} blocks, carried as codes and "
+                                  "scales, do not expand to gguf-py's dequantization; this is a bug in the block "
+                                  "reader: export with --method rtn meanwhile")
 
     # ---- a whole layer -----------------------------------------------------------------
     def _quantize_layer(self, i: int) -> None:
@@ -215,7 +250,8 @@ class QuantizedWeights:
             return self._single(name)
         point = next(p for p, keys in POINTS.items() if key in keys)
         qt = quantizers.quantize(weight, config, name, stats[point])
-        self.records[name] = TensorRecord(qt.scheme, "quantized")
+        stored = self.ckpt.stored_dtype(name)
+        self.records[name] = TensorRecord(qt.scheme, self._fresh(stored), stored)
         return qt
 
     def _observe(self, i: int, lw: LayerWeights) -> dict[str, Stats] | None:
@@ -331,6 +367,15 @@ def _concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
     first = parts[0]
     return dataclasses.replace(first, q=cat("q"), scales=cat("scales"), zero_points=cat("zero_points"),
                                residual=cat("residual"), shape=(sum(p.shape[0] for p in parts), first.shape[1]))
+
+
+def _rows(qt: QuantizedTensor, rows: slice) -> QuantizedTensor:
+    """Rows ``rows`` of ``qt`` (per-row fields sliced alike)."""
+    def part(value):
+        return None if value is None else value[rows]
+    q = qt.q[rows]
+    return dataclasses.replace(qt, q=q, scales=qt.scales[rows], zero_points=part(qt.zero_points),
+                               residual=part(qt.residual), shape=(q.shape[0], qt.shape[1]))
 
 
 def _carry_kind(qt: QuantizedTensor) -> str:

@@ -124,5 +124,5 @@ def quantize_rtn(w: np.ndarray, config: Int4Config, name: str, stats=None) -> Qu
 def quantize_keep(w: np.ndarray, config: Int4Config, name: str, stats=None) -> QuantizedTensor:
     raise QuantizationError(
         f"tensor {name or '<unnamed>'}: method='keep' carries weights that arrive quantized "
-        "(GGUF Q4_0/Q4_1/Q8_0) and cannot quantize a float weight; build it with "
+        "(GGUF blocks: Q4_0 ... Q8_0, K-quants, IQ4) and cannot quantize a float weight; build it with "
         "from_gguf_blocks(), or choose method 'rtn', 'awq' or 'gptq'")

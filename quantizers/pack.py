@@ -55,7 +55,7 @@ def pack_matmulnbits(qt: QuantizedTensor) -> dict[str, Any]:
     Returns ``B`` uint8 [N, n_blocks, block_size * bits / 8] (4 bits: input k = 2j in the low
     nibble of byte j), ``scales`` float32 [N * n_blocks] (row-major over N), ``zero_points``
     (None means MatMulNBits' default 2**(bits-1); 4 bits: uint8 [N * ceil(n_blocks / 2)], two
-    blocks per byte, low nibble first; 8 bits: uint8 [N * n_blocks]; GGUF Q4_1 residuals:
+    blocks per byte, low nibble first; 8 bits: uint8 [N * n_blocks]; 4-bit GGUF residuals (Q4_1, Q4_K):
     float32 [N * n_blocks] zero points z - r/d — exact, but onnxruntime's CPU kernel runs float
     zero points on a slow path, so a caller may drop the residual and add it beside), and
     ``K``, ``N``, ``bits``, ``block_size``.
@@ -74,7 +74,10 @@ def pack_matmulnbits(qt: QuantizedTensor) -> dict[str, Any]:
             scales, zeros = _float_zero_points(scales, zeros, np.repeat(qt.residual, repeat, axis=1))
         elif zeros is not None:
             zeros = _nibbles_to_bytes(np.pad(zeros, ((0, 0), (0, blocks % 2))))
-    else:  # int8 codes -127..127 become 1..255 around MatMulNBits' default zero point 128
+    elif qt.residual is not None:
+        raise QuantizationError("8-bit MatMulNBits has no float zero points for a GGUF minimum (Q5_1, Q5_K, Q2_K): "
+                                "pack the codes without the residual and add it beside (block sums of x @ r.T)")
+    else:  # int8 codes -128..127 become 0..255 around MatMulNBits' default zero point 128
         packed = (codes.astype(np.int16) + 128).astype(np.uint8) if qt.code_type == "int8" else codes
     return {"B": np.ascontiguousarray(packed), "scales": scales.astype(np.float32).reshape(-1),
             "zero_points": None if zeros is None else zeros.reshape(-1), "K": k, "N": n,

@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Iterable, Optional, Union
 from .errors import QuantizationError
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+CARRIED_INT8_GROUPS = (16,)  # GGUF K-quant sub-blocks of 16 (Q6_K, Q3_K, Q2_K), carried as they are
 INT4_METHODS = ("rtn", "awq", "gptq", "keep")
 
 SCHEMES: dict[str, type] = {}
@@ -39,10 +40,10 @@ class _SchemeConfig:
         return {"scheme": self.scheme, **dataclasses.asdict(self)}
 
 
-def _check_group_size(group_size: Optional[int], allow_none: bool) -> None:
+def _check_group_size(group_size: Optional[int], allow_none: bool, extra: tuple[int, ...] = ()) -> None:
     if group_size is None and allow_none:
         return
-    if group_size not in SUPPORTED_GROUP_SIZES:
+    if group_size not in SUPPORTED_GROUP_SIZES + extra:
         raise QuantizationError(
             f"group_size={group_size!r} is not supported; use one of {SUPPORTED_GROUP_SIZES}"
             + (" or None for one scale per output channel" if allow_none else ""))
@@ -62,7 +63,7 @@ class Int4Config(_SchemeConfig):
 
     method: ``rtn`` round-to-nearest; ``awq`` activation-aware scaling (needs calibration
     stats); ``gptq`` Hessian-based error compensation (needs stats); ``keep`` weights that
-    arrive already quantized (GGUF Q4_0/Q4_1) are carried as they are — see
+    arrive already quantized (GGUF Q4_0/Q4_1/Q4_K blocks) are carried as they are — see
     :func:`quantizers.from_gguf_blocks`. ``act_order`` and ``damp`` are GPTQ's; ``clip_search``
     shrinks each group's range to minimise its squared error (any method but ``keep``).
     """
@@ -87,11 +88,12 @@ class Int4Config(_SchemeConfig):
 @dataclass(frozen=True)
 class Int8Config(_SchemeConfig):
     """Symmetric int8 codes -127..127; one scale max|w|/127 per output row (``group_size=None``)
-    or per ``group_size`` inputs (GGUF Q8_0 carries group 32)."""
+    or per ``group_size`` inputs. GGUF blocks carried as int8 codes (Q8_0, Q5_0, Q5_K, Q6_K, ...)
+    keep their own block: 32, or 16 for Q6_K / Q3_K / Q2_K (``CARRIED_INT8_GROUPS``)."""
     group_size: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check_group_size(self.group_size, allow_none=True)
+        _check_group_size(self.group_size, allow_none=True, extra=CARRIED_INT8_GROUPS)
 
 
 @register_scheme("fp8")

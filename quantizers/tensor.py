@@ -19,13 +19,14 @@ class QuantizedTensor:
     (``group_size == K`` for one scale per row). Dequantized,
     ``W[n, k] = (code - zero_point) * scale (+ residual)`` over the code's group, where
 
-    - ``q``: codes [N, K] unpacked. int4: uint8 0..15; int8: int8 -127..127; fp8: uint8 E4M3FN
-      bit patterns (``scheme["scheme"] == "fp8"``).
+    - ``q``: codes [N, K] unpacked. int4: uint8 0..15; int8: int8 -127..127 (-128 in a GGUF
+      Q8_0 block); fp8: uint8 E4M3FN bit patterns (``scheme["scheme"] == "fp8"``).
     - ``scales``: float32 [N, K // g] (or [1, 1]: one scale for the whole tensor, fp8 only).
-      Always > 0 for what this package quantizes; GGUF Q4_0 blocks may carry negative scales.
+      Always > 0 for what this package quantizes; GGUF Q4_0 / Q6_K / Q3_K / IQ4 blocks may carry negative scales.
     - ``zero_points``: uint8 [N, K // g], or None for the implied one (8 for int4, 0 otherwise).
-    - ``residual``: float32 [N, K // g] added after scaling, or None. Only GGUF Q4_1 needs it
-      (w = d*q + m = d*(q - z) + r with integer z), so its blocks are carried exactly.
+    - ``residual``: float32 [N, K // g] added after scaling, or None. Only GGUF blocks with a
+      minimum need it (Q4_1 / Q4_K: w = d*q + m = d*(q - z) + r with integer z; Q5_1 / Q5_K /
+      Q2_K: r = m beside int8 codes), so their blocks are carried exactly.
     - ``input_scale``: float32 [K] from AWQ, or None. The codes quantize ``W * input_scale``:
       the layer's input must be divided by it (fold 1/s into the preceding RMSNorm weight or
       up_proj rows, or an explicit Mul); :meth:`effective_weight` is the weight to use on the

@@ -333,9 +333,9 @@ def test_q4_1_constant_block_and_q8_0():
 def test_unknown_gguf_kind_and_bad_blocks_are_refused():
     d, q, m = _gguf_blocks()
     with pytest.raises(Q.QuantizationError,
-                       match=r"GGUF block type 'Q5_K' cannot be carried over; supported: \['Q4_0', 'Q4_1', 'Q8_0'\]"):
-        Q.from_gguf_blocks("Q5_K", d, q)
-    with pytest.raises(Q.QuantizationError, match="needs the per-block minimum m"):
+                       match=r"GGUF block type 'TQ2_0' cannot be carried over; supported: \['IQ4_NL', 'IQ4_XS', 'Q2_K'"):
+        Q.from_gguf_blocks("TQ2_0", d, q)
+    with pytest.raises(Q.QuantizationError, match="needs the per-group minimum m"):
         Q.from_gguf_blocks("Q4_1", d, q)
     with pytest.raises(Q.QuantizationError, match="do not form"):
         Q.from_gguf_blocks("Q4_0", d[:, :2], q)

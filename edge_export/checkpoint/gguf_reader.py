@@ -2,8 +2,9 @@
 
 The header is parsed and bounds-checked by :mod:`.gguf_header` before gguf-py's memory-mapped
 GGUFReader is trusted with the file; tensors are read one at a time in HF names and layout
-([out, in], llama q/k rows un-permuted), and Q4_0 / Q4_1 / Q8_0 blocks can be handed over as they
-are (:meth:`GGUFCheckpoint.quantized_blocks`) so they are never quantized twice.
+([out, in], llama q/k rows un-permuted), and the blocks of every type llama.cpp's Q2_K..Q8_0 presets
+write (and IQ4_NL / IQ4_XS) can be handed over as codes and scales
+(:meth:`GGUFCheckpoint.quantized_blocks`) so they are never quantized twice.
 """
 from __future__ import annotations
 
@@ -259,15 +260,17 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path}: tensor '{name}' is not in this GGUF file")
         return self.gguf_names[name]
 
-    def _dequantized(self, gguf_name: str) -> np.ndarray:
+    def _dequantized(self, gguf_name: str, raw: np.ndarray | None = None, shape: tuple | None = None) -> np.ndarray:
+        """gguf-py's dequantization of a tensor (or of ``raw``, some of its rows, as ``shape``)."""
         info = self.header.tensors[gguf_name]
         if info.type_name not in DEQUANTIZABLE:
             raise CheckpointError(
                 f"{self.header.path}: tensor '{gguf_name}' is stored as {info.type_name}, which this reader cannot "
-                f"dequantize (supported: {', '.join(DEQUANTIZABLE)}); re-quantize with llama.cpp to Q4_K_M or "
-                "Q8_0, or use the HF checkpoint")
+                f"dequantize (supported: {', '.join(DEQUANTIZABLE)}); use a GGUF of another quantization (any "
+                "llama.cpp preset from Q2_K to Q8_0, IQ4_NL or IQ4_XS), or the HF checkpoint")
         try:
-            return dequantize_rows(self.data[gguf_name], info.type_name, info.shape)
+            return dequantize_rows(self.data[gguf_name] if raw is None else raw, info.type_name,
+                                   info.shape if shape is None else shape)
         except (ValueError, NotImplementedError) as e:
             raise CheckpointError(f"{self.header.path}: tensor '{gguf_name}' ({info.type_name}) cannot be "
                                   f"dequantized: {e}") from e
@@ -276,12 +279,22 @@ class GGUFCheckpoint(Checkpoint):
         values = self._dequantized(self._gguf_name(name))
         return unpermute_qk(values, self.qk_heads[name]) if name in self.qk_heads else values
 
+    def _read_rows(self, name: str, rows) -> np.ndarray:
+        """A slice of rows dequantizes only those rows' blocks (a block never spans rows)."""
+        gguf_name = self._gguf_name(name)
+        info = self.header.tensors[gguf_name]
+        if not isinstance(rows, slice) or name in self.qk_heads or len(info.shape) != 2:
+            return super()._read_rows(name, rows)
+        part = self.data[gguf_name][rows]
+        return self._dequantized(gguf_name, part, (part.shape[0], info.shape[1]))
+
     def stored_dtype(self, name: str) -> str:
         """The GGML type the tensor is stored in (e.g. "Q4_1", "F32")."""
         return self.header.tensors[self._gguf_name(name)].type_name
 
     def quantized_blocks(self, name: str) -> QuantizedBlocks | None:
-        """A Q4_0 / Q4_1 / Q8_0 tensor's blocks as stored, rows in HF order; None for other types."""
+        """A quantized tensor's blocks (gguf_tensors.BLOCK_TYPES) split into codes and per-group scales and
+        minimums, rows in HF order; None for float and other types."""
         gguf_name = self._gguf_name(name)
         info = self.header.tensors[gguf_name]
         blocks = split_blocks(self.data[gguf_name], info.type_name, info.shape)

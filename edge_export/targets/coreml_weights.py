@@ -4,8 +4,10 @@ the manifest's ``weights`` table read back from the saved package's weight.bin.
 Every quantized weight becomes one iOS 18 ``constexpr_blockwise_shift_scale``
 (``w = scale * (data - offset)``, blocks along the input dimension) carrying the QuantizedTensor's
 own codes: symmetric int4 as int4 (code - 8) with no offset, asymmetric as uint4 with its uint4
-zero points, int8 as int8; GGUF Q4_1 blocks (``d * (q - z) + r``) as uint4 with the float offset
-``z - r/d``. Scales and float offsets are float16, as the fp16 program computes.
+zero points, int8 as int8 (GGUF Q5_0 / Q6_K / ... codes included); GGUF blocks with a minimum
+(``d * (q - z) + r``: Q4_1 / Q4_K as uint4, Q5_1 / Q5_K / Q2_K as int8) with the float offset
+``z - r/d``. Scales and float offsets are float16, as the fp16 program computes: a K-quant's
+group scale (fp16 times a 6-bit integer) is rounded there, its codes are carried as they are.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def pack_weight(name: str, value) -> CoreMLWeight:
         raise ExportError(f"tensor {name}: carries an AWQ input scale that was not folded; the coreml "
                           "target needs it folded (use the export pipeline's AWQ, which folds it)")
     if value.residual is not None:
-        return _q4_1(name, value)
+        return _with_residual(name, value)
     try:
         packed = pack_coreml_blockwise(value, scale_dtype=np.float32)
     except QuantizationError as e:
@@ -73,13 +75,16 @@ def pack_weight(name: str, value) -> CoreMLWeight:
                         scale=_float16(name, packed["scale"]), offset=packed["offset"])
 
 
-def _q4_1(name: str, qt: QuantizedTensor) -> CoreMLWeight:
-    """GGUF Q4_1 ``d * (q - z) + r`` as ``d * (q - (z - r/d))``; a constant block (d = 0, codes 0)
+def _with_residual(name: str, qt: QuantizedTensor) -> CoreMLWeight:
+    """GGUF blocks with a minimum, ``d * (q - z) + r`` (Q4_1 / Q4_K: uint4 codes, integer z; Q5_1 /
+    Q5_K / Q2_K: int8 codes, z = 0), as ``d * (q - (z - r/d))``; a constant group (d = 0, codes 0)
     as scale 1 and offset -r."""
     constant = qt.scales == 0
     d = np.where(constant, 1.0, qt.scales).astype(np.float32)
-    offset = np.where(constant, -qt.residual, qt.zero_points - qt.residual / d)
-    return CoreMLWeight(name, data=qt.q.astype(np.uint8), data_type="uint4", scale=_float16(name, d),
+    zeros = 0.0 if qt.zero_points is None else qt.zero_points.astype(np.float32)
+    offset = np.where(constant, -qt.residual, zeros - qt.residual / d)
+    data, data_type = (qt.q.astype(np.uint8), "uint4") if qt.bits == 4 else (qt.q, "int8")
+    return CoreMLWeight(name, data=data, data_type=data_type, scale=_float16(name, d),
                         offset=_float16(name, offset))
 
 

@@ -6,7 +6,8 @@ turns it into a :class:`Linear` (MatMulNBits' packed layout from ``quantizers.pa
 :func:`concat_linears` can fuse row-wise (q/k/v, gate/up) and :class:`LinearEmitter` writes.
 Two extras of a QuantizedTensor are carried exactly:
 
-- GGUF Q4_1's ``residual`` r [N, K/g] (w = s*(q - z) + r): integer zero points plus
+- a GGUF minimum's ``residual`` r [N, K/g] (Q4_1 / Q4_K: w = s*(q - z) + r; Q5_1 / Q5_K / Q2_K:
+  int8 codes, w = s*q + r): integer zero points (if any) plus
   y += (x summed per block) @ r.T, a [.., K/g] x [K/g, N] MatMul beside the MatMulNBits
   (``RESIDUAL_AS``; float zero points z - r/s are exact too but slow on CPU);
 - AWQ's ``input_scale`` s [K] (codes quantize W * s): x / s, folded into the RMSNorm weight
@@ -211,7 +212,7 @@ class LinearEmitter:
         return g.node("Add", [y, correction], f"{base}/residual/Add", outputs=[out or f"{base}/residual/Add/output_0"])
 
     def _residual(self, base: str, stem: str, x: str, lin: Linear) -> str:
-        """(x summed over each block of K) @ residual.T: Q4_1's per-block offsets, exactly."""
+        """(x summed over each block of K) @ residual.T: a GGUF minimum's per-block offsets, exactly."""
         g = self.g
         if lin.K % lin.block_size:
             raise ExportError(f"{stem}: a residual needs K={lin.K} to be a multiple of the block {lin.block_size}")

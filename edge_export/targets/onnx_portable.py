@@ -167,8 +167,9 @@ class _PortableGraph:
             init = g.weight(f"{stem}.weight", np.ascontiguousarray(np.asarray(value, self.np_float).T))
             return init, {"format": "float", "data": init, "transpose": True}
         if value.residual is not None and not self.rules.residual:
-            raise ExportError(f"tensor {hf_name}: GGUF Q4_1 blocks (a float minimum per block) cannot be carried "
-                              f"by {self.rules.consumer}; export with --method rtn, awq or gptq")
+            raise ExportError(f"tensor {hf_name}: GGUF blocks with a float minimum per group (Q4_1, Q4_K, Q5_1, "
+                              f"Q5_K, Q2_K) cannot be carried by {self.rules.consumer}; export with --method rtn, "
+                              "awq or gptq")
         if value.zero_points is not None and not self.rules.zero_points:
             raise ExportError(f"tensor {hf_name}: asymmetric int4 (zero points) cannot be carried by "
                               f"{self.rules.consumer}, whose dequantization takes no zero point; "
@@ -217,7 +218,8 @@ class _PortableGraph:
         return y
 
     def _residual(self, base: str, stem: str, x: str, value, entry: dict) -> str:
-        """GGUF Q4_1 exactly: (x summed over each block of K) @ residual.T beside the MatMul."""
+        """A GGUF minimum exactly (Q4_1, Q4_K, Q5_1, ...): (x summed over each group of K) @ residual.T
+        beside the MatMul."""
         g = self.g
         n, k = value.shape
         blocks = k // value.group_size
