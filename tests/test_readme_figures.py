@@ -86,7 +86,7 @@ def test_a_figure_that_differs_from_its_file_fails(tmp_path, sentence, complaint
 
 def test_an_untagged_number_fails_only_in_a_measured_section(tmp_path):
     readme = ("## Targets\n\nopset 21, group 32.\n\n## Measured\n\nIt ran 6 rounds on `--threads 2` with int4 "
-              "and Q4_1 on SmolLM2-135M (onnxruntime 1.32).\n\n### Speed\n\ndecode 16 tok/s.\n\n## Layout\n\n40 files\n")
+              "and Q4_1 on SmolLM2-135M (onnxruntime 1.32) in 256-position chunks.\n\n### Speed\n\ndecode 16 tok/s.\n\n## Layout\n\n40 files\n")
     root = _project(tmp_path, readme, {})
     problems = rf.untagged((root / "README.md").read_text())
     assert [p.split("'")[1] for p in problems] == ["6", "16"]
