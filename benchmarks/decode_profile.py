@@ -104,12 +104,12 @@ def matmul_figures(steps, sizes: dict[str, int]) -> dict:
         for e in ev:
             if e["args"].get("op_name") == "MatMulNBits":
                 times.setdefault(e["name"][:-len("_kernel_time")], []).append(e["dur"])
-    groups: dict[str, list[float]] = {"attention (q/k/v, o)": [], "mlp (gate/up, down)": []}
+    groups: dict[str, list[float]] = {"attention_qkv_o": [], "mlp_gate_up_down": []}
     for name, durs in times.items():
         if name not in sizes or "lm_head" in name:
             continue
         gbs = sizes[name] / (statistics.median(durs) * 1e-6) / 1e9
-        groups["mlp (gate/up, down)" if "mlp" in name else "attention (q/k/v, o)"].append(gbs)
+        groups["mlp_gate_up_down" if "mlp" in name else "attention_qkv_o"].append(gbs)
     return {g: {"min_gbs": round(min(v), 1), "median_gbs": round(statistics.median(v), 1), "max_gbs": round(max(v), 1),
                 "nodes": len(v)} for g, v in groups.items() if v}
 
