@@ -9,16 +9,17 @@ Two conventions, checked here and by tests/test_readme_figures.py:
   and ``<!-- END -->``; between them is exactly the content of NAME.md, which SCRIPT writes.
 * A figure in prose is followed by ``<!-- src: benchmarks/results/FILE.json#dotted.key -->`` (a dotted
   path into the JSON, list indices as numbers; a key that itself holds a dot, such as
-  ``llama.cpp Q4_1``, is found by joining segments). With n comma-separated keys the tag covers the
-  last n numbers before it (``306–324 tok/s <!-- src: f.json#genai.min,genai.max -->``). Each
+  ``llama.cpp Q4_1``, is found by joining segments; a key cannot hold a comma). With n
+  comma-separated keys the tag covers the last n numbers before it
+  (``306–324 tok/s <!-- src: f.json#genai.min,genai.max -->``). Each
   number must equal its value rounded to the precision it is written with (``0.52`` to 0.005,
   ``8e-6`` to 0.5e-6, ``978`` to 0.5); a number written with ``%`` is compared with 100 × the value.
 
 Measured sections: a heading whose text starts with "Measured" (any level) opens one, and it runs
 to the next heading of the same or a higher level. There, every number that stands on its own
 (not part of a word such as ``int4``, ``Q4_1``, ``135M``, ``opset-23``, ``256-position``, and not in a
-code span or a fenced block)
-must sit in a generated block or be covered by a tag, unless it is in ALLOWED below.
+code span or a fenced block) must sit in a generated block or be covered by a tag, unless it is in
+ALLOWED below.
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", default="/tmp/edge-bench-artifacts")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", action="append", help="comparisons to run (default: all, and accuracy_level_0)")
     ap.add_argument("--out", default="benchmarks/results/runtime_options_smollm2.json")
