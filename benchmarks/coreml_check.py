@@ -58,13 +58,18 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--verify-prompts", type=int, default=0, help="verify on the first N built-in prompts (0: all)")
     ap.add_argument("--out", default="benchmarks/results/coreml_smollm2.json")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from smollm2_artifacts import first_prompts
     from devices.protocol import peak_rss_mb
     from edge_export.export import ExportOptions, export
     t = time.perf_counter()
     manifest = export("smollm2-135m", args.artifact, ExportOptions(target="coreml", quant="int4", overwrite=True,
-                                                                   max_context=args.max_context, threads=2))
+                                                                   max_context=args.max_context, threads=2,
+                                                                   prompts=first_prompts(args.verify_prompts,
+                                                                                         Path(args.artifact).parent)))
     seconds = time.perf_counter() - t
     files = manifest["files"]
     weight_bin = next(f["bytes"] for n, f in files.items() if n.endswith("weight.bin"))

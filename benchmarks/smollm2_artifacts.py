@@ -29,3 +29,16 @@ def ensure(label: str, root: str | Path) -> Path:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     return folder
+
+
+def first_prompts(n: int, folder: str | Path) -> str | None:
+    """A JSONL of the first ``n`` built-in prompts (None: all of them), for a shorter verification
+    on a busy machine; its path."""
+    if not n:
+        return None
+    from edge_export.verify import data_file
+    lines = [line for line in data_file("eval_prompts.jsonl").read_text().splitlines() if line.strip()][:n]
+    path = Path(folder) / f"first_{n}_prompts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
