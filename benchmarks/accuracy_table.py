@@ -101,6 +101,10 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {LABELS.get(r['label'], r['label'])} | {size / 2**20:.1f} | {r['kl_mean'] + 0.0:.4f} | "
                      f"{r['top1_agreement']:.3f} | {r['greedy_match_tokens']:.1f} | {r['ppl']:.2f} | "
                      f"{same.get('same', '')} |")
+    first = rows[0]
+    lines += ["", f"KL and top-1 over {first['prompts']} built-in prompts × {first['positions'] // first['prompts']} "
+              f"reference tokens; same answers: greedy answers to {questions} chat questions identical to the "
+              "reference's."]
     return "\n".join(lines) + "\n"
 
 

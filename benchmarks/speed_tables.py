@@ -10,7 +10,8 @@ pooled summary from the results files as they are (nothing is measured here):
   ratios (entries of the same round ran back to back);
 - speed_summary_smollm2.json: genai's median in each 128-token run, the two fastest layouts'
   per-round ratios pooled over all runs (decode_cpu_smollm2.json + decode_cpu_smollm2_more_rounds.json),
-  the range of decode's share of read bandwidth, and a decode step's length for each entry.
+  the range of decode's share of read bandwidth, what the int8 cache changes at the long prompt,
+  and a decode step's length for each entry.
 """
 from __future__ import annotations
 
@@ -77,7 +78,18 @@ def markdown(result: dict) -> str:
             lines.append(f"| {label} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                          f"{ratio_cell(result, r)} | {r['ttft_vs_genai']:.2f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['model_mb']:.1f} | {share} |")
-    return "\n".join(head + lines) + "\n"
+    return "\n".join(head + lines + ["", caption(result)]) + "\n"
+
+
+def caption(result: dict) -> str:
+    """The run's protocol, under its table."""
+    first = result["samples"][GENAI][0]
+    text = (f"{result['prompt_tokens']} prompt + {first['new_tokens']} new tokens, {first['threads']} threads; "
+            f"{result['rounds']} rounds in rotated order × {result['runs']} runs, medians")
+    if result["prompt_tokens"] == 128:
+        text += (f"; read bandwidth (numpy sums over 512 MB on 2 threads, same run) "
+                 f"{result['read_bandwidth_gbs']:.1f} GB/s")
+    return text + "."
 
 
 def render(path: str | Path) -> Path:
@@ -98,8 +110,20 @@ def pooled(runs: list[dict]) -> dict:
     return out
 
 
+def int8_cache_effect(long: dict) -> dict:
+    """At the long prompt: the int8 cache's decode tok/s and TTFT over the float cache's, per layout."""
+    rows = {r["name"]: r for r in long["rows"]}
+    out = {}
+    for layout in ("int4-keep", "int4-gptq-g128-head-int4"):
+        f, q = rows[f"edge-export {layout}"], rows[f"edge-export {layout}-kv8"]
+        out[layout] = {"decode_speedup": round(q["decode_tok_s"] / f["decode_tok_s"], 3),
+                       "ttft_ratio": round(q["ttft_ms"] / f["ttft_ms"], 2)}
+    return out
+
+
 def summary() -> dict:
     main = json.loads((RESULTS / "decode_cpu_smollm2.json").read_text())
+    long = json.loads((RESULTS / "decode_cpu_smollm2_long.json").read_text())
     extra = json.loads((RESULTS / "decode_cpu_smollm2_more_rounds.json").read_text())["runs"]
     runs = [main, *extra]
     genai = [next(r["decode_tok_s"] for r in run["rows"] if r["name"] == GENAI) for run in runs]
@@ -113,6 +137,7 @@ def summary() -> dict:
         "pooled_decode_vs_genai": pooled(runs),
         "read_bandwidth_gbs": round(main["read_bandwidth_gbs"], 1),
         "bandwidth_share": {"min": min(shares), "max": max(shares), "median": statistics.median(shares)},
+        "long_prompt_int8_cache": int8_cache_effect(long),
         "decode_step_ms": {r["name"]: round(1000.0 / r["decode_tok_s"], 2) for r in main["rows"]},
     }
 
