@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", help="labels to run (default: all)")
     ap.add_argument("--kl-only", action="store_true", help="kl_mean, top1 and greedy match only (no ppl, no answers)")
     ap.add_argument("--render", action="store_true", help="measure nothing: rewrite the .md from the JSON")
+    ap.add_argument("--prompts", type=int, default=0, help="the first N built-in prompts only (0: all 24)")
     args = ap.parse_args()
     if args.render:
         write_markdown(args.out, json.loads(Path(args.out).read_text()))
@@ -56,14 +57,17 @@ def main() -> None:
     from edge_export.checkpoint import open_checkpoint
     from edge_export.evaluate import reference_pass
     full = not args.kl_only
-    ref = reference_pass(open_checkpoint(args.model), ppl=full, questions=full)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from smollm2_artifacts import first_prompts
+    prompts = first_prompts(args.prompts, "/tmp/edge-bench-accuracy")
+    ref = reference_pass(open_checkpoint(args.model), prompts, ppl=full, questions=full)
     rows = []
     for label, opts in CANDIDATES:
         if args.only and label not in args.only:
             continue
         t = time.perf_counter()
         candidate = opts.pop("artifact", args.model)
-        fig = evaluate(candidate, args.model, ExportOptions(**opts), ppl=full, questions=full, ref=ref)
+        fig = evaluate(candidate, args.model, ExportOptions(**opts), prompts, ppl=full, questions=full, ref=ref)
         fig.update(label=label, seconds=round(time.perf_counter() - t, 1))
         rows.append(fig)
         print(json.dumps({k: fig.get(k) for k in ("label", "kl_mean", "top1_agreement", "ppl", "seconds")}),
