@@ -6,8 +6,9 @@
 Peers come from ../shared/peers (run its setup.sh once; PEERS=/tmp/edge-peers). Every entry is
 timed by the same protocol (devices/protocol.py == peers/bench_common.py); each round runs every
 entry once in rotated order, and the table quotes medians over rounds and ratios to
-onnxruntime-genai int4. Decode's share of memory bandwidth = weight bytes read per token x tok/s
-÷ a read bandwidth measured here with numpy.
+onnxruntime-genai int4 (benchmarks/speed_tables.py writes it, .md beside the results file).
+Decode's share of memory bandwidth = weight bytes read per token x tok/s ÷ a read bandwidth
+measured here with numpy.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed_tables  # noqa: E402  (the README's table, written beside the results file)
 
 HERE = Path(__file__).resolve().parent
 PEERS_DIR = Path(os.environ.get("PEERS_SCRIPTS", HERE.parent.parent / "shared" / "peers"))
@@ -100,7 +104,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"read_bandwidth_gbs": bandwidth, "rounds": args.rounds,
                                           "runs": args.runs, "prompt_tokens": args.prompt_tokens, "rows": table,
                                           "samples": samples}, indent=2))
-    print(markdown(table, bandwidth, args.prompt_tokens))
+    print(f"read bandwidth {bandwidth:.1f} GB/s; wrote {args.out} and {speed_tables.render(args.out)}")
 
 
 def decode_read_bytes(artifact: str) -> int:
@@ -131,17 +135,6 @@ def summarize(samples: dict, read_bytes: dict, bandwidth: float) -> list[dict]:
             row["bandwidth_share"] = round(read_bytes[name] * decode / (bandwidth * 1e9), 3)
         rows.append(row)
     return rows
-
-
-def markdown(rows: list[dict], bandwidth: float, prompt_tokens: int = 128) -> str:
-    lines = [f"| runtime | TTFT ms ({prompt_tokens} tok) | prefill tok/s | decode tok/s | decode ÷ genai | TTFT ÷ genai | "
-             "peak RSS MB | model MiB | share of read bandwidth |", "|" + " --- |" * 9]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['ttft_ms']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
-                     f"{r['decode_vs_genai']} | {r['ttft_vs_genai']} | {r['peak_rss_mb']} | {r['model_mb']} | "
-                     f"{r.get('bandwidth_share', '')} |")
-    lines.append(f"\nRead bandwidth (numpy sums over 512 MB on 2 threads): {bandwidth:.1f} GB/s.")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

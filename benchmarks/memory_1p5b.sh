@@ -28,3 +28,4 @@ if [ -x "$PEERS/venv-build/bin/python" ]; then
   measure "onnxruntime-genai builder int4 (cpu)" \
     "$PEERS/venv-build/bin/python" -m onnxruntime_genai.models.builder -i "$FIX" -o /tmp/mem-genai -p int4 -e cpu -c /tmp/mem-genai-cache
 fi
+python3 "$(dirname "$0")/memory_table.py"  # the README table, benchmarks/results/memory_1p5b.md
