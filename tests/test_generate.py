@@ -124,7 +124,8 @@ def test_stop_filter_cuts_the_answer_at_the_first_stop_string(ids, thinking, sto
     if stopper.hit:
         assert full[len(kept):].startswith(stop)
     else:
-        assert kept == full and [e.kind for e in out if e.text] == [e.kind for e in events if e.text]
+        # the same characters with the same kinds (held-back text may come out in other pieces)
+        assert [(e.kind, c) for e in out for c in e.text] == [(e.kind, c) for e in events for c in e.text]
 
 
 def test_stop_strings_apply_to_the_answer_only(tiny_llama):
