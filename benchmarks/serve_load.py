@@ -310,8 +310,8 @@ def markdown(data: dict) -> str:
               f"a client process killed mid-stream: {cc['killed_client']['generations_cancelled']:g} generation "
               "cancelled, the others served |",
               f"| {sq['requests']:,} sequential requests, max_tokens {sq['max_tokens']} | {sq['completed']}/{sq['requests']} | "
-              f"{sq['errors']} | {sq['ttft_ms_p50']} / - | server RSS {sq['rss_mb'][early]} MB at request {early:,}, "
-              f"{sq['rss_mb'][last]} MB at {last:,} ({sq['rss_change'] * 100:+.1f}%) |",
+              f"{sq['errors']} | {sq['ttft_ms_p50']} / - | server RSS {_at(sq['rss_mb'], early)} MB at request {early:,}, "
+              f"{_at(sq['rss_mb'], last)} MB at {last:,} ({sq['rss_change'] * 100:+.1f}%) |",
               f"| {sm['clients']} clients x {sm['requests_each']} requests, --max-queue {sm['max_queue']} | "
               f"{sm['completed']}/{sm['sent']} | {sm['other_errors']} | - | {sm['rejected_429']} refused with 429 "
               "(not retried) |"]
@@ -354,6 +354,11 @@ def main() -> None:
             data["load"] = load(artifact, work, args.requests_each, args.sequential)
             write(data, args.out)
     print(json.dumps(data, indent=2))
+
+
+def _at(by_request: dict, request: int):
+    """A per-request figure, keyed by int in a fresh run and by str once read back from JSON."""
+    return by_request[request] if request in by_request else by_request[str(request)]
 
 
 def write(data: dict, out: Path) -> None:
