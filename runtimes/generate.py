@@ -262,8 +262,10 @@ class Generator:
                 break
             if (sampling.thinking_budget is not None and splitter.thinking and not forced
                     and result.thinking_tokens >= sampling.thinking_budget):
-                forced = self.tokenizer.encode(BUDGET_CLOSE, parse_special=True)
-            if len(result.tokens) >= sampling.max_new_tokens and not forced:
+                close = self.tokenizer.encode(BUDGET_CLOSE, parse_special=True)
+                # max_new_tokens counts every token: a closing tag that cannot fit is not started
+                forced = close if len(result.tokens) + len(close) <= sampling.max_new_tokens else []
+            if len(result.tokens) >= sampling.max_new_tokens:
                 result.finish_reason = "length"
                 break
             if position >= limit:  # the cache is full: stop cleanly rather than overflow it

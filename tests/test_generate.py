@@ -69,6 +69,9 @@ def test_generate_budget_and_limits(tiny_llama):
     assert r.thinking_tokens >= 5 and "</think>" in ckpt.tokenizer.decode(r.tokens)
     assert r.new_tokens >= 20 and r.finish_reason == "length"
     assert r.ttft_ms > 0 and r.decode_tok_s > 0
+    for limit in range(5, 10):  # max_new_tokens is a hard cap, even when the budget closes </think> near it
+        r = gen.generate(prompt, Sampling(max_new_tokens=limit, thinking_budget=5, ignore_eos=True))
+        assert r.new_tokens == limit and r.finish_reason == "length"
     r = gen.generate(prompt, Sampling(max_new_tokens=1000, ignore_eos=True))
     # the cache holds 64 positions; the token picked from the last one needs no slot of its own
     assert r.finish_reason == "context" and len(prompt) + r.new_tokens == 65
