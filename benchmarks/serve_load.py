@@ -41,7 +41,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from devices.host import host_info  # noqa: E402
-from devices.http_server import Endpoint, read_events  # noqa: E402
+from devices.http_server import Endpoint, ServerBenchError, timed_stream  # noqa: E402
 from devices.protocol import PARAGRAPH, percentile, prompt_ids  # noqa: E402
 
 THREADS = 2
@@ -126,21 +126,14 @@ def metric(url: str, name: str) -> float:
 # ---- one request --------------------------------------------------------------------------------
 def chat(url: str, messages: list[dict], max_tokens: int) -> dict:
     """One streamed, greedy request: {status, ttft_s, decode_tok_s, completion_tokens, text} or {status, error}."""
-    endpoint = Endpoint(url, timeout=600, api_key="")
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    conn = endpoint.connect()
     try:
-        t0 = time.perf_counter()
-        conn.request("POST", endpoint.prefix + "/chat/completions", body=json.dumps(body), headers=endpoint.headers())
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return {"status": resp.status, "error": resp.read().decode()[:200]}
-        return {"status": 200, **read_events(resp, t0, url)}
+        return {"status": 200, **timed_stream(Endpoint(url, timeout=600, api_key=""), body)}
+    except ServerBenchError as e:  # a refusal (429, ...) or a broken stream: counted as this request's error
+        return {"status": e.status, "error": str(e)}
     except Exception as e:  # noqa: BLE001 -- counted as this request's error
         return {"status": 0, "error": f"{type(e).__name__}: {e}"}
-    finally:
-        conn.close()
 
 
 def in_process(rt, messages: list[dict], max_tokens: int) -> dict:

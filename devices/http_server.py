@@ -28,7 +28,12 @@ API_KEY_ENV = "EDGE_EXPORT_API_KEY"
 
 
 class ServerBenchError(EdgeError):
-    """An OpenAI-compatible server could not be benchmarked (unreachable, refused, malformed stream)."""
+    """An OpenAI-compatible server could not be benchmarked (unreachable, refused, malformed stream).
+    ``status`` is the HTTP status when the server answered with an error, else 0."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
 
 
 @register_device("http")
@@ -143,7 +148,7 @@ def timed_stream(endpoint: Endpoint, body: dict) -> dict:
         conn.request("POST", endpoint.prefix + "/chat/completions", body=json.dumps(body), headers=endpoint.headers())
         resp = conn.getresponse()
         if resp.status != 200:
-            raise ServerBenchError(f"{endpoint.url}: HTTP {resp.status}: {_error_text(resp.read())}")
+            raise ServerBenchError(f"{endpoint.url}: HTTP {resp.status}: {_error_text(resp.read())}", resp.status)
         return read_events(resp, t0, endpoint.url)
     except OSError as e:
         raise ServerBenchError(f"{endpoint.url}: the stream broke off ({e})") from None
