@@ -7,26 +7,20 @@ from concurrent.futures import ThreadPoolExecutor
 from runtimes.errors import EdgeError
 
 from . import adb, estimate, host, http_server, ssh  # noqa: F401  (registration side effects)
+from .protocol import BENCH_OPTIONS
 from .registry import Device, parse_device, register_device
 from .ssh_client import SshTarget
 
 log = logging.getLogger(__name__)
 
 
-# The protocol's options and their ranges (None: the device's default). Checked before anything runs.
-OPTION_RANGES = {
-    "prompt_tokens": (1, "at least 1 token"), "new_tokens": (1, "at least 1 token"),
-    "runs": (1, "at least 1 (the figures are medians over the runs)"), "warmup": (0, "0 or more"),
-    "threads": (1, "at least 1"), "long_context": (0, "0 (off) or more tokens"), "timeout": (1, "at least 1 second"),
-}
-
-
 def check_options(options: dict) -> None:
-    """Raise BenchError naming the first option out of its range (as its CLI flag, e.g. --runs)."""
-    for name, (least, words) in OPTION_RANGES.items():
+    """Raise BenchError naming the first option out of its range (as its CLI flag, e.g. --runs);
+    the ranges are the protocol's (devices.protocol.BENCH_OPTIONS). None: the default."""
+    for name, option in BENCH_OPTIONS.items():
         value = options.get(name)
-        if value is not None and not value >= least:
-            raise host.BenchError(f"--{name.replace('_', '-')} {value}: must be {words}")
+        if value is not None and not value >= option.least:
+            raise host.BenchError(f"--{name.replace('_', '-')} {value}: must be {option.words}")
 
 
 def bench(artifact: str, device: str = "host", **options) -> dict:

@@ -25,7 +25,7 @@ from runtimes.artifact import MANIFEST, Artifact, load_artifact, sha256_file
 from runtimes.tokenizer import ChatTokenizer
 
 from .host import BenchError
-from .protocol import RESULT_FORMAT, prompt_ids
+from .protocol import RESULT_FORMAT, bench_option, prompt_ids
 from .registry import Device, register_device
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,8 @@ class RunnerKind:
 
 def model_benchmark_args(artifact: str, prompt_file: str, options: dict) -> list[str]:
     """onnxruntime-genai benchmark/c/options.cpp: -i, --prompt_file, -g, -r, -w, -e."""
-    args = ["-i", artifact, "--prompt_file", prompt_file, "-g", str(options.get("new_tokens") or 128),
-            "-r", str(options.get("runs") or 5), "-w", str(options.get("warmup") if options.get("warmup") is not None
-                                                          else 1)]
+    args = ["-i", artifact, "--prompt_file", prompt_file, "-g", str(bench_option(options, "new_tokens")),
+            "-r", str(bench_option(options, "runs")), "-w", str(bench_option(options, "warmup"))]
     return args + (["-e", options["provider"]] if options.get("provider") else [])
 
 
@@ -199,11 +198,11 @@ class AdbDevice(Device):
         folder = f"{DEVICE_ROOT}/artifacts/{art.path.name}"
         transfer = push_artifact(adb, art.path, art.manifest, folder)
         binary = push_runner(adb, runner)
-        prompt = push_prompt(adb, art, int(options.get("prompt_tokens") or 128))
+        prompt = push_prompt(adb, art, int(bench_option(options, "prompt_tokens")))
         command = (f"cd {DEVICE_ROOT}/bin && LD_LIBRARY_PATH={DEVICE_ROOT}/bin "
                    + shlex.join([f"./{binary}", *kind.args(folder, prompt, options)]))
         try:
-            proc = adb.shell(command, f"running {runner.name}", float(options.get("timeout") or 3600))
+            proc = adb.shell(command, f"running {runner.name}", float(bench_option(options, "timeout")))
         except AdbError:
             adb.stop(f"{binary} -i {folder}")
             raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtimes.capabilities import KV_BYTES, RUNS_AS, get_capabilities
+from runtimes.capabilities import KV_BYTES, RUNS_AS, capabilities_of, get_capabilities
 from runtimes.models import ModelSpec
 
 from .calibration import PublishedPoint
@@ -19,7 +19,7 @@ from .fit import (EstimateError, Workload, class_fit, decode_fits, output_params
                   point_ttft_s, prefill_fit, prefill_fits, prefill_flops, prefill_rate_s, spread, step_s, ttft_s,
                   workload_from_bits)
 from .profiles import DeviceProfile, get_profile
-from .protocol import RESULT_FORMAT
+from .protocol import RESULT_FORMAT, bench_option
 from .registry import Device, register_device
 
 __all__ = ["EstimateError", "Roofline", "Workload", "estimate_result", "point_errors", "prefill_flops",
@@ -45,7 +45,8 @@ class Roofline:
 
     @property
     def engine(self) -> str:
-        return self.profile.targets[self.target]
+        """The engine class the target's declaration names for this profile's kind of device."""
+        return get_capabilities(self.target).engines[self.profile.kind].engine
 
     @property
     def static_kv(self) -> bool:
@@ -159,17 +160,23 @@ def point_errors(point: PublishedPoint) -> dict[str, float]:
 NON_WEIGHT_SUFFIXES = (".json", ".txt", ".jinja", ".md")
 
 
-def artifact_target(manifest: dict) -> str:
-    """A manifest's target as profiles name it: onnx/ort, onnx/portable, onnx/qnn, coreml, tensorrt."""
-    target = manifest.get("target", "")
-    return f"{target}/{manifest['variant']}" if target == "onnx" and manifest.get("variant") else target
+def artifact_target(manifest: dict, source: str = "manifest") -> str:
+    """A manifest's target and variant as their declaration names them (onnx/ort, onnx/portable,
+    onnx/qnn, coreml, tensorrt); EstimateError when nothing declares it."""
+    try:
+        return capabilities_of(manifest.get("target", ""), manifest.get("variant")).name
+    except KeyError as e:
+        raise EstimateError(f"{source}: {e.args[0]}") from None
 
 
 def runs_as(target: str, profile: DeviceProfile) -> str:
-    """The profile's target that runs an artifact of ``target`` (onnx/portable: TensorRT or onnxruntime)."""
-    if target in profile.targets:
+    """The declared target that runs an artifact of ``target`` on the profile's kind of device: its
+    own where it declares an engine there, else the first of RUNS_AS that does (onnx/portable:
+    TensorRT or onnxruntime)."""
+    kind = profile.kind
+    if kind in get_capabilities(target).engines:
         return target
-    return next((t for t in RUNS_AS.get(target, ()) if t in profile.targets), target)
+    return next((t for t in RUNS_AS.get(target, ()) if kind in get_capabilities(t).engines), target)
 
 
 def embedding_element_bytes(scheme: dict | None) -> float:
@@ -238,12 +245,12 @@ class EstimateDevice(Device):
         from runtimes.artifact import read_manifest
         found = read_manifest(artifact)
         manifest = found.manifest
-        target = runs_as(artifact_target(manifest), get_profile(self.target))
+        target = runs_as(artifact_target(manifest, str(found.path)), get_profile(self.target))
         get_profile(self.target).engine(target)
         work = workload_from_manifest(manifest, target, str(found.path))
         result = estimate_result(work, self.target, target,
-                                 prompt_tokens=options.get("prompt_tokens") or 128,
-                                 new_tokens=options.get("new_tokens") or 128,
+                                 prompt_tokens=bench_option(options, "prompt_tokens"),
+                                 new_tokens=bench_option(options, "new_tokens"),
                                  max_context=manifest.get("max_context"), long_context=options.get("long_context"))
         result.update(artifact=found.path.name, model_bytes=found.model_bytes)
         return result

@@ -9,6 +9,7 @@ import sys
 
 from runtimes.errors import EdgeError
 
+from .protocol import RUNNER_OPTIONS, bench_option
 from .registry import Device, register_device
 
 
@@ -22,7 +23,7 @@ class HostDevice(Device):
 
     def bench(self, artifact: str, options: dict) -> dict:
         cmd = [sys.executable, "-m", "devices.runner", str(artifact)] + runner_args(options)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=options.get("timeout", 3600))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bench_option(options, "timeout"))
         result = _parse(proc.stdout, proc.stderr, proc.returncode, "host")
         result.update(device="host", device_info=host_info())
         return result
@@ -30,7 +31,7 @@ class HostDevice(Device):
 
 def runner_args(options: dict) -> list[str]:
     args = []
-    for key in ("backend", "provider", "threads", "prompt_tokens", "new_tokens", "runs", "warmup", "long_context"):
+    for key in ("backend", "provider", *RUNNER_OPTIONS):
         if options.get(key) is not None:
             args += [f"--{key.replace('_', '-')}", str(options[key])]
     return args

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from runtimes.errors import EdgeError
 
-from .protocol import RESULT_FORMAT, ids_digest, percentile, prompt_ids
+from .protocol import BENCH_OPTIONS, RESULT_FORMAT, bench_option, ids_digest, percentile, prompt_ids
 from .registry import Device, register_device
 
 API_KEY_ENV = "EDGE_EXPORT_API_KEY"
@@ -46,9 +46,8 @@ class HttpDevice(Device):
         url = f"{self.scheme}://{self.target}"
         tokenizer = options.get("tokenizer") or artifact_tokenizer(artifact)
         result = bench_server(url, tokenizer, model=options.get("model"),
-                              prompt_tokens=options.get("prompt_tokens", 128),
-                              new_tokens=options.get("new_tokens", 128), runs=options.get("runs", 5),
-                              warmup=options.get("warmup", 1), timeout=options.get("timeout", 600))
+                              **{name: bench_option(options, name)
+                                 for name in ("prompt_tokens", "new_tokens", "runs", "warmup", "timeout")})
         result["device"] = url
         return result
 
@@ -105,8 +104,10 @@ class Endpoint:
         return json.loads(body)
 
 
-def bench_server(url: str, tokenizer, model: str | None = None, prompt_tokens: int = 128, new_tokens: int = 128,
-                 runs: int = 5, warmup: int = 1, timeout: float = 600, api_key: str | None = None) -> dict:
+def bench_server(url: str, tokenizer, model: str | None = None, prompt_tokens: int = BENCH_OPTIONS["prompt_tokens"].default,
+                 new_tokens: int = BENCH_OPTIONS["new_tokens"].default, runs: int = BENCH_OPTIONS["runs"].default,
+                 warmup: int = BENCH_OPTIONS["warmup"].default, timeout: float = BENCH_OPTIONS["timeout"].default,
+                 api_key: str | None = None) -> dict:
     """Time the server at ``url`` by the protocol; returns the result dict (device left to the caller)."""
     endpoint = Endpoint(url, timeout, api_key)
     model = model or _first_model(endpoint)

@@ -149,9 +149,11 @@ MOBILE_INT = ("fp16", "int8", "int4")
 NOT_PUBLISHED = "not published"
 
 
-def _phone(name, title, bandwidth, memory, npu, kind, share=ANDROID_SHARE, notes="", no_fp8=PHONE_FP8):
+def _phone(name, title, bandwidth, memory, npu, kind, share=ANDROID_SHARE, notes="", no_fp8=PHONE_FP8,
+           qnn_soc=None):
+    """``qnn_soc``: a Snapdragon's SoC id (runtimes.capabilities.QNN_SOCS), which qnn exports compile for."""
     return register_profile(DeviceProfile(name, title, memory, bandwidth, npu, MOBILE_INT, kind, share,
-                                          no_fp8, notes))
+                                          no_fp8, notes, extra={"qnn_soc": qnn_soc} if qnn_soc else {}))
 
 
 def _jetson(name, title, memory, bandwidth, int8, fp16, notes=""):
@@ -163,15 +165,15 @@ _phone("snapdragon-8-gen3", "Qualcomm Snapdragon 8 Gen 3 (SM8650)",
        Sourced(76.8, "computed: LPDDR5X 9.6 Gbps x 64-bit bus (memory type: press)"),
        Sourced(12, "assumed: typical flagship phone (Galaxy S24 Ultra, OnePlus 12); the SoC takes up to 24 GB"),
        {"int8": Sourced(None, "Hexagon HTP v75: TOPS not published (Qualcomm AI Hub models README names v75)")},
-       SNAPDRAGON)
+       SNAPDRAGON, qnn_soc="SM8650")
 _phone("snapdragon-8-elite", "Qualcomm Snapdragon 8 Elite (SM8750)", Sourced(84.8, "press (secondary)"),
        Sourced(12, "assumed: typical flagship phone; the SoC takes up to 24 GB (press, secondary)"),
-       {"int8": Sourced(None, "Hexagon v79: TOPS not published")}, SNAPDRAGON)
+       {"int8": Sourced(None, "Hexagon v79: TOPS not published")}, SNAPDRAGON, qnn_soc="SM8750")
 _phone("snapdragon-x-elite", "Qualcomm Snapdragon X Elite (laptop)",
        Sourced(135, "Qualcomm product brief: LPDDR5X-8448, 135 GB/s (press, secondary)"),
        Sourced(16, "assumed: typical Copilot+ PC configuration"),
        {"int8": Sourced(45, "Hexagon NPU 45 TOPS INT8 (Qualcomm, press)")}, SNAPDRAGON,
-       share=Sourced(0.75, "assumed: a Windows laptop leaves ~75% of RAM to one model"))
+       share=Sourced(0.75, "assumed: a Windows laptop leaves ~75% of RAM to one model"), qnn_soc="SC8380XP")
 _phone("dimensity-9300", "MediaTek Dimensity 9300",
        Sourced(76.8, "computed: LPDDR5T 9.6 Gbps x 64-bit bus (memory type: press)"),
        Sourced(12, "assumed: typical flagship phone"), {"int8": Sourced(None, f"APU 790: TOPS {NOT_PUBLISHED}")},

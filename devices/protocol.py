@@ -15,8 +15,39 @@ from __future__ import annotations
 import hashlib
 import resource
 import statistics
+from dataclasses import dataclass
 
 RESULT_FORMAT = "edge-export-bench/1"
+
+
+@dataclass(frozen=True)
+class BenchOption:
+    """One option of the protocol, declared once for the CLI, the runner, every device and the
+    estimator: its default, its least value and what that means, and its help line."""
+
+    default: int
+    least: int
+    words: str
+    help: str
+
+
+BENCH_OPTIONS = {
+    "prompt_tokens": BenchOption(128, 1, "at least 1 token", "Tokens of prompt (the paragraph, repeated)."),
+    "new_tokens": BenchOption(128, 1, "at least 1 token", "New tokens, greedy, end-of-sequence suppressed."),
+    "runs": BenchOption(5, 1, "at least 1 (the figures are medians over the runs)", "Measured runs."),
+    "warmup": BenchOption(1, 0, "0 or more", "Runs before the measured ones."),
+    "threads": BenchOption(2, 1, "at least 1", "Intra-op threads."),
+    "long_context": BenchOption(0, 0, "0 (off) or more tokens", "Also time decode after this many tokens of context."),
+    "timeout": BenchOption(3600, 1, "at least 1 second", "Seconds the benchmark may run on the device."),
+}
+# The options `python -m devices.runner` takes (the rest belong to where it runs).
+RUNNER_OPTIONS = ("threads", "prompt_tokens", "new_tokens", "runs", "warmup", "long_context")
+
+
+def bench_option(options: dict, name: str) -> int:
+    """``options[name]``, or the protocol's default where it is unset (None)."""
+    value = options.get(name)
+    return BENCH_OPTIONS[name].default if value is None else value
 PARAGRAPH = (
     "The lighthouse stood at the edge of the northern cliffs for more than two hundred years. "
     "Every evening the keeper climbed the narrow stairs, trimmed the wick, polished the great "
@@ -61,8 +92,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_protocol(runtime, prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 5, warmup: int = 1,
-                 long_context: int = 0) -> dict:
+def run_protocol(runtime, prompt_tokens: int = BENCH_OPTIONS["prompt_tokens"].default,
+                 new_tokens: int = BENCH_OPTIONS["new_tokens"].default, runs: int = BENCH_OPTIONS["runs"].default,
+                 warmup: int = BENCH_OPTIONS["warmup"].default, long_context: int = 0) -> dict:
     """Time ``runtime`` (a runtimes.Runtime) by the protocol; returns the result dict (no device info)."""
     from runtimes import Sampling
     ids = prompt_ids(lambda text: runtime.tokenizer.encode(text, add_bos=False), prompt_tokens)

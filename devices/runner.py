@@ -9,18 +9,17 @@ import argparse
 import json
 import sys
 
+from .protocol import BENCH_OPTIONS, RUNNER_OPTIONS
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="devices.runner")
     ap.add_argument("artifact")
     ap.add_argument("--backend")
     ap.add_argument("--provider")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--long-context", type=int, default=0)
+    for name in RUNNER_OPTIONS:
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=BENCH_OPTIONS[name].default,
+                        help=BENCH_OPTIONS[name].help)
     args = ap.parse_args(argv)
     import runtimes
     from runtimes.errors import EdgeError

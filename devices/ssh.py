@@ -34,7 +34,7 @@ from pathlib import Path
 from runtimes.artifact import MANIFEST, Artifact, load_artifact, sha256_file
 
 from .host import BenchError, runner_args
-from .protocol import RESULT_FORMAT
+from .protocol import RESULT_FORMAT, bench_option
 from .registry import Device, register_device
 from .ssh_client import (RemoteDiskFullError, RemoteError, RemoteSetupError, RemoteTimeoutError, SshClient,
                          SshConnectionDroppedError, SshTarget, local_rsync)
@@ -220,7 +220,7 @@ class SshRun:
 
     def run(self, python: str, toolkit: str, artifact: Artifact, blobs: dict[str, list[Path]]) -> dict:
         """Run the supervisor; returns the runner's complete result or raises."""
-        timeout = float(self.options.get("timeout") or 3600)
+        timeout = float(bench_option(self.options, "timeout"))
         manifest_sha = next(sha for sha, paths in blobs.items() if paths[0].name == MANIFEST)
         command = shlex.join(["env", f"PYTHONPATH={self.base}/toolkit/{toolkit}", python, "-m", "devices.remote_run",
                               self.base, self.run_id, manifest_sha, artifact.path.name, "--timeout", f"{timeout:g}",
@@ -244,7 +244,7 @@ class SshRun:
         if "error" in result:
             error, fix = REMOTE_ERRORS.get(result.get("kind"), REMOTE_ERRORS["runner"])
             raise error(f"{self.url}: {result['error']}; {fix}")
-        runs = int(self.options.get("runs") or 5)
+        runs = int(bench_option(self.options, "runs"))
         if (code != 0 or result.get("format") != RESULT_FORMAT or result.get("runs") != runs
                 or any(key not in result for key in REQUIRED_FIGURES)):
             tail = (stderr.strip().splitlines() or ["no output"])[-1]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import click
 
-from runtimes.capabilities import DEFAULT_KV_CACHE, KV_CACHE_NAMES
+from runtimes.capabilities import KV_CACHE_NAMES
 
 from . import __version__
+from .cli_options import (GROUP_SIZE_CHOICE, QUANT_CHOICE, bench_protocol_options, export_options, options_from_cli,
+                          target_help)
 from .errors import EdgeError, missing_extra
-
-DEFAULT_KV_CACHE_NAME = next(name for name, dtype in KV_CACHE_NAMES.items() if dtype == DEFAULT_KV_CACHE)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -108,84 +108,20 @@ def quickstart(out: str) -> None:
     run_quickstart(out, echo=click.echo)
 
 
-TARGET_HELP = """Targets and variants (`edge-export targets` says which run here):
-
-\b
-  onnx/ort        onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention with one shared
-                  KV buffer, SkipSimplifiedLayerNormalization), plus genai_config.json: CPU, CUDA,
-                  mobile onnxruntime and onnxruntime-genai run it as it is.
-  onnx/portable   standard ONNX ops only (opset 21): blocked DequantizeLinear int4, per-channel
-                  int8, float8 Q/DQ, plain attention; what TensorRT and NPU compilers ingest.
-  onnx/qnn        static-shape QDQ graphs for the Qualcomm Hexagon NPU (onnxruntime's QNN EP).
-  tensorrt        the portable graph in fp16 with TensorRT's explicit quantization (symmetric INT4
-                  weight-only; FP8 weights and activations); `build-engine` builds it on the device.
-  coreml          an ML Program (iOS 18 / macOS 15) with the KV cache as Core ML state and
-                  block-wise int4 weights; predicts on macOS only.
-"""
-
-
-@main.command(epilog=TARGET_HELP)
+@main.command(epilog=target_help())
 @click.argument("checkpoint")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
-@click.option("--target", default="onnx", show_default=True, help="Target to lower to (see below).")
-@click.option("--variant", help="Variant of the target (default: ort for onnx).")
-@click.option("--quant", type=click.Choice(["int4", "int8", "fp8", "fp16", "fp32"]), default="int4", show_default=True)
-@click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]),
-              help="int4 method; keep (the default for a GGUF) carries its quantized blocks as they are; "
-                   "rtn is the default otherwise.")
-@click.option("--head", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True,
-              help="lm_head (and a tied embedding): int8 per row keeps logits accurate; int4 is smaller and faster "
-                   "(with keep, it re-quantizes the GGUF's Q8_0 head instead of carrying it).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
-              help="int4 group; where it does not divide a tensor's input width the largest that does is used "
-                   "(recorded in the manifest).")
-@click.option("--asymmetric", is_flag=True, help="int4 with zero points.")
-@click.option("--clip-search", is_flag=True,
-              help="int4: shrink each group's range where that lowers its squared error (data-free; SmolLM2 g32 "
-                   "rtn --asymmetric: kl_mean 0.222 against 0.272 without, 0.359 symmetric).")
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
-@click.option("--max-context", default=2048, show_default=True, help="Positions the KV cache holds.")
-@click.option("--kv-cache", type=click.Choice(list(KV_CACHE_NAMES)), default=DEFAULT_KV_CACHE_NAME, show_default=True,
-              help="KV-cache precision. int8 (onnx/ort): onnxruntime's GroupQueryAttention keeps the cache in "
-                   "int8 with per-channel scales calibrated on the built-in prompts or --calibration; a quarter "
-                   "of fp32's memory.")
-@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
-              help="MatMulNBits activations: 4 quantizes them to int8 per block (fast on CPU), 0 keeps float (exact).")
-@click.option("--device", "device", help="A device profile the artifact is for (`edge-export devices`): "
-              "precisions its hardware lacks are refused (e.g. fp8 on Ampere Jetsons).")
-@click.option("--fp8-activations/--fp8-weights-only", default=None,
-              help="fp8: also quantize each linear's input with a per-tensor scale from calibration (FP8 GEMMs; "
-                   "the default for --target tensorrt) or keep activations float (the default elsewhere).")
-@click.option("--calibration", type=click.Path(dir_okay=False),
-              help="JSONL of prompts or messages (AWQ/GPTQ; fp8 activation and int8 KV-cache scales).")
-@click.option("--no-verify", is_flag=True, help="Skip checking the artifact against the reference decoder.")
-@click.option("--max-kl", type=float, help="Verification threshold on kl_mean (default 0.5).")
-@click.option("--min-top1", type=float, help="Verification threshold on top1_agreement (default 0.70).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing artifact at OUT (atomically).")
-@click.option("--via", type=click.Choice(["optimum"]),
-              help="Export through another exporter: optimum (optimum-onnx, then int4 by onnxruntime's "
-                   "MatMulNBitsQuantizer) for architectures outside the registry; --quant int4|fp32, verified "
-                   "against the transformers model.")
-@click.option("--json", "as_json", is_flag=True)
-def export(checkpoint, out, target, variant, quant, method, head, group_size, asymmetric, clip_search, act_order,
-           max_context, kv_cache, accuracy_level, device, fp8_activations, calibration, no_verify, max_kl, min_top1,
-           overwrite, via, as_json):
+@export_options
+def export(checkpoint, out, as_json, **flags):
     """Quantize CHECKPOINT, lower it to a target, verify it, and publish an artifact at OUT."""
-    from .export import ExportOptions, export as run_export
-    options = ExportOptions(target=target, variant=variant, quant=quant, method=method, group_size=int(group_size),
-                            symmetric=not asymmetric, clip_search=clip_search, act_order=act_order, head=head,
-                            max_context=max_context,
-                            kv_cache=KV_CACHE_NAMES[kv_cache],
-                            accuracy_level=int(accuracy_level), fp8_activations=fp8_activations, device=device,
-                            calibration=calibration, verify=not no_verify, overwrite=overwrite, via=via,
-                            **{k: v for k, v in (("max_kl", max_kl), ("min_top1", min_top1)) if v is not None})
+    from .export import export as run_export
+    options = options_from_cli(flags)
     manifest = run_export(checkpoint, out, options, progress=lambda s: None if as_json else click.echo(s, err=True))
     if as_json:
         emit_json({k: manifest[k] for k in ("target", "variant", "quantization", "verification", "files")
                    if k in manifest})
         return
     mb = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
-    line = (f"wrote {out}: {manifest['target']}/{manifest['variant']}, {quant} "
+    line = (f"wrote {out}: {manifest['target']}/{manifest['variant']}, {options.quant} "
             f"{manifest['quantization']['method']}, {mb:,.1f} MiB")
     if "verification" in manifest:
         v = manifest["verification"]
@@ -247,8 +183,9 @@ def targets(as_json):
         return
     for r in rows:
         here = "runs here" if r["runs_here"] else f"cannot run here: {r['why_not']}"
-        click.echo(f"{r['target']}/{r['variant']}: {r['description']}\n    quant {', '.join(r['quant'])}; "
-                   f"needs {r['needs']}; {here}")
+        honours = ", ".join(r["honours"]) or "no options of its own"
+        click.echo(f"{r['target']}/{r['variant']}: {r['description']}\n    quant {', '.join(r['quant'])}; KV cache "
+                   f"{', '.join(r['kv_cache'])}; honours {honours}; needs {r['needs']}; {here}")
 
 
 @main.command()
@@ -351,10 +288,10 @@ def serve(artifact, host, port, api_key, insecure, max_queue, request_timeout, m
 @main.command(name="eval")
 @click.argument("candidate")
 @click.option("--reference", required=True, help="The original checkpoint (folder, .gguf or smollm2-135m).")
-@click.option("--quant", type=click.Choice(["int4", "int8", "fp8", "fp16", "fp32"]), default="int4", show_default=True)
+@click.option("--quant", type=QUANT_CHOICE, default="int4", show_default=True)
 @click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]), help="Default: keep for a GGUF, else rtn.")
 @click.option("--head", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True)
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option("--group-size", type=GROUP_SIZE_CHOICE, default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True)
 @click.option("--clip-search", is_flag=True, help="int4: shrink each group's range where that lowers its error.")
 @click.option("--calibration", type=click.Path(dir_okay=False))
@@ -393,18 +330,10 @@ def eval_(candidate, reference, quant, method, head, group_size, asymmetric, cli
                    "own thread (host runs alone after the others): runs on one machine share its cores and disturb "
                    "each other's timings, so a device may be listed once. @FILE reads devices from a file, one "
                    "a line (# starts a comment).")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@bench_protocol_options
 @click.option("--backend")
-@click.option("--long-context", type=click.IntRange(min=0), default=0,
-              help="Also time decode after this many tokens of context.")
 @click.option("--runner", type=click.Path(dir_okay=False, exists=True),
               help="adb:// only: the benchmark binary to push and run (onnxruntime-genai's model_benchmark).")
-@click.option("--timeout", type=click.IntRange(min=1), default=3600, show_default=True,
-              help="Seconds the benchmark may run on the device.")
 @click.option("--model", help="http:// only: the server's model name (default: the first in its /v1/models).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result object; with several --device, a list of them (a failed device: "
@@ -507,9 +436,9 @@ def devices_(as_json: bool) -> None:
 @click.option("--context", default=8192, show_default=True, help="Tokens of context the KV cache must hold.")
 @click.option("--trace-tokens", type=int, default=None,
               help="Length of the reasoning trace to time [default: 4000, or what fits --context after the prompt].")
-@click.option("--kv-cache", type=click.Choice(list(KV_CACHE_NAMES)), default=DEFAULT_KV_CACHE_NAME, show_default=True,
-              help="KV-cache precision to plan for (export's default); each target holds it where it can "
-                   "(int8: onnx/ort), else its own (tensorrt, coreml: fp16).")
+@click.option("--kv-cache", type=click.Choice(list(KV_CACHE_NAMES)),
+              help="KV-cache precision to plan for; each target holds it where it carries it, else its own "
+                   "(default: each target's own, as export does).")
 @click.option("--answer-latency", help="A time (30s, 2m, 500ms): report the longest thinking trace each option "
                                        "finishes within it, the thinking_budget to set on that device.")
 @click.option("--json", "as_json", is_flag=True)

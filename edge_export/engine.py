@@ -55,8 +55,10 @@ def build_engine(folder: str | Path, *, device: str | None = None, workspace_gb:
     plan = manifest.get("engine") or {}
     quant = (manifest.get("quantization") or {}).get("quant")
     if device:
-        from .targets.tensorrt import check_device
-        check_device(device, quant)
+        from runtimes.capabilities import capabilities_of
+
+        from .options import check_device
+        check_device(device, capabilities_of("tensorrt"), quant)
     builder = builder or TensorRTBuilder(plan)
     gpu = builder.gpu()
     progress(f"building a TensorRT {builder.version} engine for {gpu['name']} (sm_{gpu['compute_capability']})")

@@ -25,7 +25,8 @@ def candidate_scorer(candidate: str, reference_ckpt, options):
         rt = runtimes.load(candidate, threads=options.threads)
         return RuntimeScorer(rt.backend), {"artifact": str(candidate), "backend": rt.backend.name,
                                            "model_bytes": rt.artifact.model_bytes}
-    from .export import calibration_ids, quant_rules, resolve_method
+    from .calibration import calibration_ids
+    from .export import quant_rules, resolve_method
     from .quantize import QuantizedWeights
     ckpt = reference_ckpt if candidate == str(reference_ckpt.path) else open_checkpoint(candidate)
     options = resolve_method(options, ckpt)

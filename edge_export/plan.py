@@ -3,7 +3,7 @@
 For each quantization (fp16, int8, int4, fp8) and each target the device runs, the planner gives
 the engine that runs it there (runtimes.capabilities), the export's weight bytes (the default
 quantization rules, edge_export.sizing), the KV cache at the context in the dtype that target's
-export holds (export's default unless ``kv_cache`` asks otherwise), whether both fit the device's
+export holds (its own unless ``kv_cache`` asks for one it carries), whether both fit the device's
 memory budget, and the estimator's decode rate, TTFT and time to produce a reasoning trace, each
 with its calibration range (devices.estimate). With ``answer_latency_s`` it also gives the longest
 thinking trace that finishes within that time: the ``thinking_budget`` to set on that device.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from devices.estimate import Roofline, Workload
 from devices.profiles import QUANTS, ProfileError, get_profile
-from runtimes.capabilities import DEFAULT_KV_CACHE, KV_BYTES, KV_CACHE_NAMES, get_capabilities
+from runtimes.capabilities import KV_BYTES, KV_CACHE_NAMES, TARGETS, get_capabilities, kv_dtype
 from runtimes.models import ModelSpec, spec_from_config
 
 from .errors import EdgeError
@@ -60,7 +60,7 @@ def _config_spec(path: Path) -> ModelSpec:
     return spec_from_config(read_json(path, "config.json"), str(path))
 
 
-def export_workload(spec: ModelSpec, quant: str, target: str, kv_cache: str = DEFAULT_KV_CACHE) -> Workload:
+def export_workload(spec: ModelSpec, quant: str, target: str, kv_cache: str | None = None) -> Workload:
     """The estimator's view of an export at ``quant`` for ``target`` under the default rules, its KV
     cache in the dtype that target's export holds when ``kv_cache`` is asked for."""
     embedding = 0
@@ -76,14 +76,9 @@ def export_workload(spec: ModelSpec, quant: str, target: str, kv_cache: str = DE
 
 
 def exportable() -> set[tuple[str, str]]:
-    """(target as profiles name it, quant) pairs that `edge-export export` can produce in this version."""
-    from .targets import all_targets
-    pairs = set()
-    for t in all_targets():
-        for variant in t.variants:
-            names = {f"{t.name}/{variant}"} | ({t.name} if variant == t.default_variant else set())
-            pairs |= {(name, quant) for name in names for quant in t.variant_quant.get(variant, t.quant)}
-    return pairs
+    """(target as profiles name it, quant) pairs that `edge-export export` can produce: what each
+    declaration carries (runtimes.capabilities)."""
+    return {(name, quant) for name, caps in TARGETS.items() for quant in caps.quants}
 
 
 def parse_latency(text: str | float | None) -> float | None:
@@ -97,7 +92,7 @@ def parse_latency(text: str | float | None) -> float | None:
 
 
 def plan_option(spec: ModelSpec, roof: Roofline, quant: str, context: int, trace_tokens: int, budget: int,
-                kv_cache: str = DEFAULT_KV_CACHE, answer_latency_s: float | None = None) -> dict:
+                kv_cache: str | None = None, answer_latency_s: float | None = None) -> dict:
     """One (quant, target) row: engine, bytes, fit, and the estimator's figures (tok/s, ms, s) with ranges."""
     work = export_workload(spec, quant, roof.target, kv_cache)
     kv = work.kv_bytes(context)
@@ -154,13 +149,14 @@ def recommend(options: list[dict], budget: int, context: int, trace_tokens: int)
 
 
 def plan(source: str, device: str, context: int = 8192, trace_tokens: int | None = None,
-         kv_cache: str = DEFAULT_KV_CACHE, answer_latency: str | float | None = None) -> dict:
+         kv_cache: str | None = None, answer_latency: str | float | None = None) -> dict:
     """Plan exports of ``source`` for profile ``device`` (see module doc). Bytes in bytes, rates in
     tokens/s, TTFT in ms (128-token prompt), trace time in s. ``trace_tokens`` None: 4000, or what
-    fits ``context`` with the prompt. ``kv_cache``: float32 | float16 | int8 (or fp32 / fp16), export's
-    default when not given. Raises PlanError / ProfileError / ConfigError."""
-    kv_cache = KV_CACHE_NAMES.get(kv_cache, kv_cache)
-    if kv_cache not in KV_CACHE_NAMES.values():
+    fits ``context`` with the prompt. ``kv_cache``: float32 | float16 | int8 (or fp32 / fp16), held by
+    each target that carries it; None (export's default): each target's own. Raises PlanError /
+    ProfileError / ConfigError."""
+    kv_cache = kv_dtype(kv_cache)
+    if kv_cache is not None and kv_cache not in KV_CACHE_NAMES.values():
         raise PlanError(f"--kv-cache {kv_cache} is not one of {', '.join(KV_CACHE_NAMES)}")
     latency_s = parse_latency(answer_latency)
     label, spec = resolve_spec(source)

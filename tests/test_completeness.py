@@ -8,14 +8,17 @@ import pytest
 import quantizers
 import runtimes
 from edge_export.targets import all_targets
+from runtimes.capabilities import TARGETS, capabilities_of
 from runtimes.models import supported_architectures
 
 from .conftest import ARCH_PRESETS, GENERATED_TOKENS
 from .skip_policy import NO_TENSORRT
 
 TESTS = pathlib.Path(__file__).parent
-# where each registered name is exercised end to end
-TARGET_TESTS = {"onnx": "test_export.py", "tensorrt": "test_tensorrt.py", "coreml": "test_coreml.py"}
+# where each declared target/variant is exercised end to end (test_target_options.py checks, for every
+# declaration, that what it does not honour is refused)
+TARGET_TESTS = {"onnx/ort": "test_export.py", "onnx/portable": "test_gguf_kquants.py", "onnx/qnn": "test_onnx_qnn.py",
+                "tensorrt": "test_tensorrt.py", "coreml": "test_coreml.py"}
 # backends that generate only on a platform that may be absent: (is it absent here, the reason)
 PLATFORM_ONLY = {"tensorrt": (lambda: importlib.util.find_spec("tensorrt") is None, NO_TENSORRT)}
 
@@ -30,10 +33,17 @@ def test_every_scheme_is_tested():
         assert f'"{scheme}"' in text or f"{quantizers.SCHEMES[scheme].__name__}" in text, scheme
 
 
-def test_every_target_is_tested():
-    assert {t.name for t in all_targets()} == set(TARGET_TESTS)
+def test_every_target_is_declared_and_tested():
+    """The registered lowerings implement exactly the declared targets/variants, and each has an
+    export test; the refusal tests walk the declarations themselves."""
+    assert {capabilities_of(t.name, v).name for t in all_targets() for v in t.variants} == set(TARGETS)
+    assert set(TARGET_TESTS) == set(TARGETS)
     for name, file in TARGET_TESTS.items():
-        assert "export(" in (TESTS / file).read_text()
+        text = (TESTS / file).read_text()
+        caps = TARGETS[name]
+        assert "export(" in text and (caps.default_variant or f'"{caps.variant}"' in text), name
+    refusals = (TESTS / "test_target_options.py").read_text()
+    assert "DECLARED = sorted(TARGETS)" in refusals and "test_refuses_each_option_it_does_not_honour" in refusals
 
 
 @pytest.mark.session_end

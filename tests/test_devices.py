@@ -14,7 +14,7 @@ from devices.estimate import (EstimateError, Roofline, class_fit, estimate_resul
                               workload_from_bits)
 from devices.fit import MIN_POINTS, decode_residuals, point_ttft_s, prefill_residuals, spread
 from devices.profiles import ENGINE_CLASSES, PROFILES, QUANTS, ProfileError, get_profile, host_profile
-from runtimes.capabilities import (APPLE_GPU, CPU, DEFAULT_KV_CACHE, JETSON_CPU, JETSON_GPU, PHONE_NPU,
+from runtimes.capabilities import (APPLE_GPU, CPU, JETSON_CPU, JETSON_GPU, PHONE_NPU,
                                    get_capabilities)
 from runtimes.models import get_architecture
 from devices.protocol import RESULT_FORMAT
@@ -222,8 +222,8 @@ def test_plan_json_keys_and_fit_on_orin_nano():
     spec = preset_spec("r1-distill-qwen-7b")
     options = {(o["quant"], o["target"]): o for o in p["options"]}
     ort, trt = options[("int4", "onnx/ort")], options[("int4", "tensorrt")]
-    # the same default as export's (float32) where the target takes it; TensorRT's engine keeps fp16
-    assert ExportOptions().kv_cache == DEFAULT_KV_CACHE == "float32" == p["kv_cache"] == ort["kv_cache"]
+    # the same default as export's: each target's own (onnx/ort float32; TensorRT's engine keeps fp16)
+    assert ExportOptions().kv_cache is None is p["kv_cache"] and ort["kv_cache"] == "float32"
     assert ort["kv_bytes"] == 8192 * spec.kv_bytes_per_token(4) and trt["kv_cache"] == "float16"
     assert trt["kv_bytes"] == 8192 * spec.kv_bytes_per_token(2)
     assert trt["est_decode_tok_s_at_context"] < trt["est_decode_tok_s"]
@@ -451,7 +451,6 @@ def test_calibration_results_file_says_what_the_code_computes():
 def test_every_export_target_declares_its_capabilities():
     """Plan and the estimator read runtimes.capabilities: a target export can produce without a
     declaration there could never be planned or estimated."""
-    from edge_export.export import KV_CACHE_TARGETS
     from edge_export.targets import all_targets
     from runtimes.capabilities import TARGETS
     for target in all_targets():
@@ -459,7 +458,7 @@ def test_every_export_target_declares_its_capabilities():
         for name in names:
             capabilities = get_capabilities(name)
             assert capabilities.kv_caches and capabilities.compute_precision("int4")
-    assert KV_CACHE_TARGETS == {"int8": {("onnx", "ort")}}  # export reads its KV carriers from the same place
+    assert [name for name, t in TARGETS.items() if "int8" in t.kv_caches] == ["onnx/ort"]
     assert all(engine.why for t in TARGETS.values() for engine in t.engines.values())
 
 

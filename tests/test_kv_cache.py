@@ -93,11 +93,13 @@ def test_int8_cache_runs_close_to_float(kv_pair):
 
 
 def test_int8_cache_refused_where_not_carried(tiny_llama, tmp_path):
-    with pytest.raises(ExportError, match="--kv-cache int8 is carried by onnx/ort only, not onnx/portable"):
+    with pytest.raises(ExportError, match=r"target onnx/portable holds its KV cache in float32, float16 only, not "
+                                          r"--kv-cache int8 \(kv_cache='int8'\), which onnx/ort carry"):
         export(tiny_llama, tmp_path / "p", ExportOptions(quant="int4", variant="portable", kv_cache="int8"))
     result = CliRunner().invoke(main, ["export", str(tiny_llama), "-o", str(tmp_path / "t"), "--target", "tensorrt",
                                        "--kv-cache", "int8"])
-    assert result.exit_code == 2 and "--kv-cache int8 is carried by onnx/ort only, not tensorrt" in result.output
+    assert result.exit_code == 2 and "target tensorrt holds its KV cache in float16 only, not --kv-cache int8" \
+        in result.output
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
 
 

@@ -120,7 +120,8 @@ def test_int4_head_by_gptq_sees_the_final_norm_output(tiny_llama):
     calibration states), so its output error there is below round-to-nearest's."""
     import quantizers as Q
     from edge_export.checkpoint import open_checkpoint
-    from edge_export.export import ExportOptions, calibration_ids, quant_rules
+    from edge_export.calibration import calibration_ids
+    from edge_export.export import ExportOptions, quant_rules
     from edge_export.quantize import QuantizedWeights
     ckpt = open_checkpoint(tiny_llama)
     weights = QuantizedWeights(ckpt, quant_rules(ExportOptions(method="gptq", head="int4")),

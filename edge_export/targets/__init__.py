@@ -1,38 +1,71 @@
-"""Targets an export can lower to, registered by the name users type (`--target`)."""
+"""Targets an export can lower to, registered by the name users type (`--target`).
+
+What each target and variant carries, honours and runs on is declared in runtimes/capabilities.py;
+a Target here is the code that lowers to it, and must implement exactly the declared variants.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from runtimes.capabilities import SCORERS, TargetCapabilities, capabilities_of, variants_of
+
 from ..errors import ExportError
 
 
 @dataclass
 class Target:
-    """One lowering. ``lower(spec, weights, folder, options) -> manifest fields`` writes the graph
-    files into ``folder``; ``available()`` says whether what it produces can run here."""
+    """One lowering. ``lower(spec, weights, folder, variant, options, calibration) -> manifest
+    fields`` writes the graph files into ``folder`` (``calibration``: the prompts' token ids where
+    the declaration says the target calibrates, else what the export calibrated with, or None);
+    ``available()`` says whether what it produces can run here."""
 
     name: str
-    variants: dict[str, str]  # variant -> one-line description
     needs: str
     lower: Callable
     available: Callable[[], tuple[bool, str]]
-    quant: tuple = ("fp32", "fp16", "int8", "int4", "fp8")
     backend: str = ""
-    default_variant: str = ""
-    extra: dict = field(default_factory=dict)
-    variant_quant: dict = field(default_factory=dict)  # variant -> the precisions it takes, where fewer
     prepare: Callable | None = None  # ExportOptions -> ExportOptions: the target's defaults
     variant_available: dict = field(default_factory=dict)  # variant -> its own available(), where it differs
 
+    @property
+    def variants(self) -> dict[str, str]:
+        """Variant -> its one-line description, as declared (default variant first)."""
+        return {c.variant: c.about for c in variants_of(self.name)}
+
+    @property
+    def default_variant(self) -> str:
+        return variants_of(self.name)[0].variant
+
+    def capabilities(self, variant: str | None = None) -> TargetCapabilities:
+        return capabilities_of(self.name, variant)
+
 
 _TARGETS: dict[str, Target] = {}
+# Verification scorers by the name declarations give (runtimes.capabilities.SCORERS):
+# (artifact, options) -> a verify.compare candidate, or None for the artifact's own backend.
+_SCORERS: dict[str, Callable | None] = {"backend": None}
 
 
 def register_target(target: Target) -> Target:
+    if not variants_of(target.name):
+        raise ExportError(f"target '{target.name}' has no declaration in runtimes/capabilities.py")
     _TARGETS[target.name] = target
     return target
+
+
+def register_scorer(name: str, make: Callable) -> Callable:
+    if name not in SCORERS:
+        raise ExportError(f"scorer '{name}' is not declared (runtimes.capabilities.SCORERS: {', '.join(SCORERS)})")
+    _SCORERS[name] = make
+    return make
+
+
+def scorer(name: str) -> Callable | None:
+    """The verification scorer a declaration names."""
+    _load_builtin()
+    return _SCORERS[name]
 
 
 def get_target(name: str, variant: str | None = None) -> tuple[Target, str]:
@@ -59,9 +92,18 @@ def describe_targets() -> list[dict]:
         for variant, about in target.variants.items():
             ok, why = target.variant_available.get(variant, target.available)()
             rows.append({"target": target.name, "variant": variant, "description": about, "needs": target.needs,
-                         "quant": list(target.variant_quant.get(variant, target.quant)), "runs_here": ok,
-                         "why_not": why})
+                         **declared(target.capabilities(variant)), "runs_here": ok, "why_not": why})
     return rows
+
+
+def declared(caps: TargetCapabilities) -> dict:
+    """A declaration as `targets --json` shows it."""
+    least, most = caps.max_context
+    return {"name": caps.name, "default_variant": caps.default_variant, "quant": list(caps.quants),
+            "kv_cache": list(caps.kv_caches), "static_kv": caps.static_kv,
+            "max_context": {"least": least, "most": most or "the model's max_position_embeddings"},
+            "honours": sorted(caps.honours), "scorer": caps.scorer, "calibrates": caps.calibrates,
+            "compute": dict(caps.compute), "engines": {kind: e.engine for kind, e in caps.engines.items()}}
 
 
 def _load_builtin() -> None:

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from . import Target, register_target
+from . import Target, register_scorer, register_target
 
 log = logging.getLogger(__name__)
 PACKAGE = "model.mlpackage"
 INSTALL = "pip install coremltools==9.0 torch==2.13.0 'numpy<=2.3.5'"
 
 
-def lower_mlprogram(spec, weights, folder: Path, variant: str, options) -> dict:
+def lower_mlprogram(spec, weights, folder: Path, variant: str, options, calibration=None) -> dict:
     """Write model.mlpackage into ``folder``; return the manifest's graph, weights and backend."""
     ct, torch = _import()
     from .coreml_torch import CoreMLDecoder
@@ -188,11 +188,6 @@ def _available() -> tuple[bool, str]:
     return CoreMLBackend.available()
 
 
-register_target(Target(
-    name="coreml",
-    variants={"mlprogram": "ML Program for iOS 18 / macOS 15: KV cache as Core ML state, flexible query "
-                           "length, fp16 compute, block-wise int4/int8 weights carrying our codes and scales"},
-    needs="coremltools and torch to export (any OS); macOS 15+ to run",
-    lower=lower_mlprogram, available=_available, quant=("fp16", "int8", "int4"), backend="coreml",
-    default_variant="mlprogram",
-    extra={"verify_scorer": verify_scorer}))
+register_scorer("coreml-module", verify_scorer)
+register_target(Target(name="coreml", needs="coremltools and torch to export (any OS); macOS 15+ to run",
+                       lower=lower_mlprogram, available=_available, backend="coreml"))

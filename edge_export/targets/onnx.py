@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import Target, register_target
+from . import Target, register_scorer, register_target
 from .onnx_ort import build_ort_decoder, genai_config
 from .onnx_portable import PortableRules, build_portable_decoder
 from .onnx_qnn import lower_qnn, verify_scorer as qnn_verify_scorer
@@ -14,16 +14,16 @@ from .onnx_weights import weights_table
 MODEL_FILE = "model.onnx"
 
 
-def lower_ort(spec, weights, folder: Path, variant: str, options) -> dict:
+def lower_ort(spec, weights, folder: Path, variant: str, options, calibration=None) -> dict:
     """Write model.onnx (+ .data) and genai_config.json; return the manifest's graph and weights."""
     build_ort_decoder(spec, weights, folder, max_context=options.max_context, kv_dtype=options.kv_cache,
-                      model_name=MODEL_FILE, accuracy_level=options.accuracy_level)
+                      model_name=MODEL_FILE, accuracy_level=options.ort.accuracy_level)
     eos = sorted(set(spec.eos_token_ids) | set(spec.generation.get("eos_token_ids", [])))
     config = genai_config(spec, max_context=options.max_context, eos_ids=eos, bos_id=spec.bos_token_id,
                           pad_id=eos[0] if eos else 0, model_name=MODEL_FILE)
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
     graph = {"file": MODEL_FILE, "data": MODEL_FILE + ".data", "kv_dtype": options.kv_cache,
-             "accuracy_level": options.accuracy_level, "logits": "last", "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key",
+             "accuracy_level": options.ort.accuracy_level, "logits": "last", "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key",
                                                               "past_key_values.{i}.value"],
              "outputs": ["logits", "present.{i}.key", "present.{i}.value"]}
     if options.kv_cache == "int8":
@@ -38,7 +38,8 @@ def lower_ort(spec, weights, folder: Path, variant: str, options) -> dict:
 PORTABLE_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
-def lower_portable(spec, weights, folder: Path, variant: str, options, rules: PortableRules = PortableRules()) -> dict:
+def lower_portable(spec, weights, folder: Path, variant: str, options, calibration=None,
+                   rules: PortableRules = PortableRules()) -> dict:
     """Write the standard-ops model.onnx (+ .data); return the manifest's graph and weights."""
     _, table = build_portable_decoder(spec, weights, folder, max_context=options.max_context,
                                       kv_dtype=options.kv_cache, model_name=MODEL_FILE, rules=rules)
@@ -49,23 +50,13 @@ def lower_portable(spec, weights, folder: Path, variant: str, options, rules: Po
     return {"graph": graph, "weights": table, "backend": "onnxruntime"}
 
 
-def lower(spec, weights, folder: Path, variant: str, options) -> dict:
+def lower(spec, weights, folder: Path, variant: str, options, calibration=None) -> dict:
     lowerings = {"ort": lower_ort, "portable": lower_portable, "qnn": lower_qnn}
-    return lowerings[variant](spec, weights, folder, variant, options)
+    return lowerings[variant](spec, weights, folder, variant, options, calibration=calibration)
 
 
 # A portable graph's weights, dequantized once into float32 for verification, may take this much.
 FOLD_WEIGHTS_BYTES = 2 << 30
-
-
-def verify_scorer(artifact, options):
-    """The qnn variant verifies its own way (onnx_qnn.verify_scorer); a portable graph as below;
-    the ort variant on its backend as it is."""
-    if artifact.variant == "qnn":
-        return qnn_verify_scorer(artifact, options)
-    if artifact.manifest.get("graph", {}).get("kv") == "concat":
-        return folded_scorer(artifact, options)
-    return None
 
 
 def folded_scorer(artifact, options):
@@ -100,15 +91,7 @@ def _available() -> tuple[bool, str]:
     return True, ""
 
 
-register_target(Target(
-    name="onnx",
-    variants={"ort": "onnxruntime's fused contrib ops (MatMulNBits, GroupQueryAttention, "
-                     "SkipSimplifiedLayerNormalization); CPU, CUDA, mobile onnxruntime, onnxruntime-genai",
-              "portable": "standard ONNX ops only (opset 21): blocked DequantizeLinear int4, per-channel int8, "
-                          "float8e4m3fn Q/DQ, plain attention; what TensorRT and NPU compilers ingest",
-              "qnn": "QDQ graphs for onnxruntime's QNN provider on the Hexagon NPU: static prefill/decode, "
-                     "w8a16 (--quant int8) or w4a16 (--quant int4), uint16 activations calibrated on prompts"},
-    needs="onnx to export, onnxruntime to run",
-    lower=lower, available=_available, quant=("fp32", "int8", "int4", "fp8"), backend="onnxruntime",
-    variant_quant={"ort": ("fp32", "int8", "int4"), "qnn": ("int8", "int4")},
-    default_variant="ort", extra={"verify_scorer": verify_scorer}, variant_available={"qnn": _qnn_available}))
+register_scorer("folded-dq", folded_scorer)
+register_scorer("qnn-static", qnn_verify_scorer)
+register_target(Target(name="onnx", needs="onnx to export, onnxruntime to run", lower=lower, available=_available,
+                       backend="onnxruntime", variant_available={"qnn": _qnn_available}))

@@ -14,7 +14,7 @@ Built in three steps, each on the previous one's output:
    graph inputs and outputs become uint16 codes, and the decode graph is the prefill graph with a
    sequence length of 1 (both read the same weights file).
 
-Static shapes throughout (QNN needs them): a prefill chunk of PREFILL_LEN tokens and a decode
+Static shapes throughout (QNN needs them): a prefill chunk of --prefill-chunk tokens and a decode
 step, each taking the whole fixed-size KV cache and returning only the new keys and values
 (runtimes/backends/qnn.py owns the cache). Data-movement ops (Reshape, Transpose, Slice, Gather,
 Concat) keep their input's scale, which QNN requires. 1/sqrt(head_dim) is folded into the q
@@ -33,6 +33,7 @@ from onnx import TensorProto, helper
 
 from quantizers.int8 import quantize_int8
 from runtimes.backends.qnn import MASK_HIDDEN
+from runtimes.capabilities import QNN_SOCS
 from runtimes.models import ModelSpec
 
 from ..errors import ExportError
@@ -42,13 +43,8 @@ from .onnx_qnn_qdq import ACT, CALIBRATION_DECODE_STEPS, calibrate, insert_qdq, 
 logger = logging.getLogger(__name__)
 
 PREFILL, DECODE, DATA = "prefill.onnx", "decode.onnx", "prefill.onnx.data"
-PREFILL_LEN = 64  # tokens per prefill chunk: longer chunks prefill faster, pad more on short prompts
 OPSET = 23  # RMSNormalization
 CALIBRATION_PROMPTS = 16
-# Named Snapdragon SoCs: QNN's soc_model number and HTP architecture (QNN SDK's supported-device table).
-SOCS = {"SM8550": (43, 73, "Snapdragon 8 Gen 2"), "SM8650": (57, 75, "Snapdragon 8 Gen 3"),
-        "SM8750": (69, 79, "Snapdragon 8 Elite"), "SC8380XP": (60, 73, "Snapdragon X Elite")}
-DEFAULT_SOC = "SM8650"
 SIMULATED_WEIGHTS_PER_S = 30e6  # onnxruntime-qnn 2.7's HTP simulator, one x86_64 core (SmolLM2: 4.2 s a token)
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -395,16 +391,20 @@ class _Builder:
 
 
 # ---- calibration and QDQ ---------------------------------------------------------------------
-def lower_qnn(spec: ModelSpec, weights, folder: Path, variant: str, options) -> dict:
+def lower_qnn(spec: ModelSpec, weights, folder: Path, variant: str, options, calibration=None) -> dict:
     """Write prefill.onnx, decode.onnx and their shared weights into ``folder``; return the
-    manifest's graph section, weights table and backend."""
+    manifest's graph section, weights table and backend. ``calibration``: the chat prompts' token
+    ids whose activation ranges set the uint16 scales (the first CALIBRATION_PROMPTS are used);
+    ``options.qnn``: the SoC (resolved by export) and the prefill chunk (tokens)."""
     if options.quant not in ("int8", "int4"):
         raise ExportError(f"--quant {options.quant}: the qnn variant runs integer weights on the NPU; "
                           "use --quant int8 (w8a16) or --quant int4 (w4a16)")
-    soc_name = DEFAULT_SOC
-    soc_model, htp_arch, marketing = SOCS[soc_name]
-    seq = min(PREFILL_LEN, options.max_context)
-    prompts = _calibration_prompts(weights, options)
+    if not calibration:
+        raise ExportError("the qnn variant calibrates its uint16 activation ranges on chat prompts; none were given")
+    soc_name = options.qnn.soc
+    soc_model, htp_arch, marketing = QNN_SOCS[soc_name]
+    seq = min(options.qnn.prefill_chunk, options.max_context)
+    prompts = calibration[:CALIBRATION_PROMPTS]
     folder = Path(folder)
     graph = GraphWriter(folder, PREFILL)
     try:
@@ -454,16 +454,6 @@ def verify_scorer(artifact, options):
     scorer.verified_with = ("the QDQ graphs on the HTP" if on_snapdragon else
                             "the same static QDQ graphs on onnxruntime's CPU provider (the HTP is simulated here)")
     return scorer
-
-def _calibration_prompts(weights, options) -> list[list[int]]:
-    """The built-in calibration prompts (or --calibration FILE), rendered with the chat template."""
-    from ..export import calibration_ids
-    checkpoint = getattr(weights, "ckpt", None)
-    tokenizer = getattr(checkpoint, "tokenizer", None)
-    if tokenizer is None:
-        raise ExportError("the qnn variant calibrates its uint16 activation ranges on chat prompts, which needs "
-                          "the checkpoint's tokenizer; this checkpoint has none")
-    return calibration_ids(tokenizer, options.calibration)[:CALIBRATION_PROMPTS]
 
 
 # ---- precompiled context binaries ------------------------------------------------------------

@@ -18,9 +18,8 @@ import dataclasses
 import shlex
 from pathlib import Path
 
-from ..errors import ExportError
 from . import Target, register_target
-from .onnx import MODEL_FILE, PORTABLE_SESSION_CONFIG, folded_scorer
+from .onnx import MODEL_FILE, PORTABLE_SESSION_CONFIG
 from .onnx_portable import PortableRules, build_portable_decoder
 
 ENGINE_FILE = "model.engine"
@@ -31,37 +30,18 @@ OPT_PROMPT = 128
 
 def prepare(options):
     """TensorRT's defaults: round-to-nearest unless a method is named (a GGUF's Q4_1 blocks have
-    float minimums TensorRT cannot dequantize), FP8 activations with FP8 weights, and a device's
-    precision checked before anything is computed."""
+    float minimums TensorRT cannot dequantize), and FP8 activations with FP8 weights. What it
+    refuses (--asymmetric, a KV cache other than fp16, a device without TensorRT) is declared in
+    runtimes.capabilities and checked by export."""
     changes = {}
     if options.method is None and options.quant == "int4":
         changes["method"] = "rtn"
-    if options.quant == "int4" and not options.symmetric:
-        raise ExportError("--asymmetric: TensorRT dequantizes without zero points (symmetric only); "
-                          "drop --asymmetric for --target tensorrt")
     if options.quant == "fp8" and options.fp8_activations is None:
         changes["fp8_activations"] = True
-    if options.kv_cache != "float16":
-        changes["kv_cache"] = "float16"  # the engine computes in fp16; so does its cache
-    if options.device:
-        check_device(options.device, options.quant)
     return dataclasses.replace(options, **changes) if changes else options
 
 
-def check_device(device: str, quant: str) -> None:
-    """Refuse a precision the named device profile's GPU does not run (FP8 on Ampere Jetsons)."""
-    from devices.profiles import get_profile
-
-    profile = get_profile(device)
-    if "tensorrt" not in profile.targets:
-        raise ExportError(f"--device {profile.name} does not run TensorRT (its targets: {', '.join(profile.targets)})")
-    precision = "fp16" if quant in ("fp16", "fp32") else quant
-    if precision not in profile.precisions:
-        raise ExportError(f"--quant {quant} for --device {profile.name}: {profile.missing_precision}; "
-                          "use --quant int4 (weight-only, fp16 activations) instead")
-
-
-def lower(spec, weights, folder: Path, variant: str, options) -> dict:
+def lower(spec, weights, folder: Path, variant: str, options, calibration=None) -> dict:
     _, table = build_portable_decoder(spec, weights, folder, max_context=options.max_context, kv_dtype="float16",
                                       model_name=MODEL_FILE, rules=TENSORRT_RULES, dtype="float16")
     graph = {"file": MODEL_FILE, "data": MODEL_FILE + ".data", "kv_dtype": "float16", "kv": "concat",
@@ -69,17 +49,17 @@ def lower(spec, weights, folder: Path, variant: str, options) -> dict:
              "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key", "past_key_values.{i}.value"],
              "outputs": ["logits", "present.{i}.key", "present.{i}.value"]}
     engine = {"file": ENGINE_FILE, "built": False, "strongly_typed": True,
-              "profiles": shape_profiles(spec, options.max_context),
-              "trtexec": trtexec_command(spec, options.max_context),
+              "profiles": shape_profiles(spec, options.max_context, options.tensorrt.opt_tokens),
+              "trtexec": trtexec_command(spec, options.max_context, options.tensorrt.opt_tokens),
               "device": options.device}
     # onnxruntime runs (and verifies) the graph until an engine is built on the device.
     return {"graph": graph, "weights": table, "backend": "onnxruntime", "engine": engine}
 
 
-def shape_profiles(spec, max_context: int) -> dict:
+def shape_profiles(spec, max_context: int, opt_tokens: int = OPT_PROMPT) -> dict:
     """min / opt / max shapes of each dynamic input for one optimization profile (batch 1):
-    a prompt of 1..max_context tokens after 0..max_context-1 cached ones."""
-    opt = min(OPT_PROMPT, max_context)
+    a prompt of 1..max_context tokens after 0..max_context-1 cached ones, tuned for ``opt_tokens``."""
+    opt = min(opt_tokens, max_context)
     kv = lambda length: [1, spec.num_kv_heads, length, spec.head_dim]  # noqa: E731
     shapes = {"input_ids": ([1, 1], [1, 1], [1, max_context]),
               "attention_mask": ([1, 1], [1, opt], [1, max_context])}
@@ -89,9 +69,9 @@ def shape_profiles(spec, max_context: int) -> dict:
     return {name: {"min": lo, "opt": mid, "max": hi} for name, (lo, mid, hi) in shapes.items()}
 
 
-def trtexec_command(spec, max_context: int) -> str:
+def trtexec_command(spec, max_context: int, opt_tokens: int = OPT_PROMPT) -> str:
     """The same build as `edge-export build-engine`, as a trtexec command line run in the artifact."""
-    profiles = shape_profiles(spec, max_context)
+    profiles = shape_profiles(spec, max_context, opt_tokens)
 
     def shapes(which):
         return ",".join(f"{name}:{'x'.join(str(d) for d in dims[which])}" for name, dims in profiles.items())
@@ -113,8 +93,5 @@ def _available() -> tuple[bool, str]:
 
 register_target(Target(
     name="tensorrt",
-    variants={"explicit": "portable ONNX in fp16 with explicit Q/DQ (INT4 weight-only, FP8 weights and "
-                          "activations, symmetric), plus the engine build plan; build-engine makes the engine"},
     needs="onnx to export; TensorRT (JetPack, or pip install tensorrt with an NVIDIA GPU) to build and run the engine",
-    lower=lower, available=_available, quant=("fp16", "int4", "fp8"), backend="tensorrt",
-    default_variant="explicit", prepare=prepare, extra={"verify_scorer": folded_scorer}))
+    lower=lower, available=_available, backend="tensorrt", prepare=prepare))
