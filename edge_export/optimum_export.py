@@ -27,7 +27,8 @@ from .artifact import publish, staging_folder, write_manifest
 from .checkpoint.hf import generation_defaults
 from .checkpoint.hf import read_tokenizer as hf_tokenizer
 from .errors import ExportError
-from .export import _check_thresholds, tokenizer_fields, write_tokenizer
+from .export import _check_thresholds
+from .manifest import tokenizer_fields, write_tokenizer
 from .optimum_graph import DATA_FILE, MODEL_FILE, float_weights, gemm_to_matmul, graph_section, quantize, quantized_weights
 from .verify import N_NEW, FixedReference, RuntimeScorer, compare, load_prompts, log_softmax
 
@@ -200,7 +201,7 @@ def _lower(scratch: Path, staging: Path, spec: ModelSpec, options) -> dict:
         rewritten = gemm_to_matmul(model.graph)
         model = quantize(model, spec, options)
         record.update(quantizer="onnxruntime MatMulNBitsQuantizer", group_size=options.group_size,
-                      symmetric=options.symmetric, accuracy_level=options.accuracy_level, head=options.head,
+                      symmetric=options.symmetric, accuracy_level=options.ort.accuracy_level, head=options.head,
                       gemm_rewritten=rewritten, **quantized_weights(model.graph))
     else:
         record.update(kept_float=float_weights(model.graph))

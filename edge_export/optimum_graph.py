@@ -53,7 +53,7 @@ def quantize(model, spec: ModelSpec, options):
     MatMulNBitsQuantizer = _quantizer_class()
     heads = [n.name for n, w in _constant_matmuls(model.graph) if n.op_type == "MatMul" and w.dims[-1] == spec.vocab_size]
     common = dict(block_size=options.group_size, is_symmetric=options.symmetric,
-                  accuracy_level=options.accuracy_level or None)
+                  accuracy_level=options.ort.accuracy_level or None)
     body = MatMulNBitsQuantizer(model, bits=4, nodes_to_exclude=heads if options.head != "int4" else [], **common)
     body.process()
     model = body.model.model

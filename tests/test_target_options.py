@@ -190,3 +190,30 @@ def test_an_unknown_kv_dtype_names_both_spellings(tmp_path):
     with pytest.raises(ExportError, match=r"--kv-cache 'fp64' \(kv_cache\) is not a KV dtype: use one of fp32 "
                                           r"\(float32\), fp16 \(float16\), int8 \(int8\)"):
         export("nowhere", tmp_path / "a", ExportOptions(kv_cache="fp64"))
+
+
+def test_readme_table_is_the_declaration():
+    """The README's table of what each target carries and honours is generated from the declarations."""
+    from pathlib import Path
+
+    from edge_export.targets import TABLE_BEGIN, TABLE_END, capabilities_markdown
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = readme.index(TABLE_BEGIN), readme.index(TABLE_END) + len(TABLE_END)
+    assert readme[start:end] == capabilities_markdown(), (
+        "regenerate: python3 -c \"from edge_export.targets import capabilities_markdown; print(capabilities_markdown())\"")
+
+
+def test_cli_choices_are_the_declarations():
+    """--target, --variant, --quant, --kv-cache and --group-size offer what is declared, nothing else."""
+    from quantizers.schemes import SUPPORTED_GROUP_SIZES
+    params = {p.name: p for p in main.commands["export"].params}
+    assert list(params["target"].type.choices) == target_names()
+    assert set(params["variant"].type.choices) == {t.variant for t in TARGETS.values()}
+    assert set(params["quant"].type.choices) == {q for t in TARGETS.values() for q in t.quants}
+    assert list(params["kv_cache"].type.choices) == list(KV_CACHE_NAMES) and params["kv_cache"].required is False
+    assert [int(g) for g in params["group_size"].type.choices] == list(SUPPORTED_GROUP_SIZES)
+    assert [int(g) for g in {p.name: p for p in main.commands["eval"].params}["group_size"].type.choices] == \
+        list(SUPPORTED_GROUP_SIZES)
+    text = cli("export", "--help").output
+    for caps in TARGETS.values():
+        assert caps.name in text

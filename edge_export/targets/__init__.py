@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runtimes.capabilities import SCORERS, TargetCapabilities, capabilities_of, variants_of
+from runtimes.capabilities import RUNS_AS, SCORERS, TargetCapabilities, capabilities_of, variants_of
 
 from ..errors import ExportError
 
@@ -104,6 +104,28 @@ def declared(caps: TargetCapabilities) -> dict:
             "max_context": {"least": least, "most": most or "the model's max_position_embeddings"},
             "honours": sorted(caps.honours), "scorer": caps.scorer, "calibrates": caps.calibrates,
             "compute": dict(caps.compute), "engines": {kind: e.engine for kind, e in caps.engines.items()}}
+
+
+# The README's table of what each target carries and honours sits between these lines.
+TABLE_BEGIN, TABLE_END = "<!-- BEGIN declarations (runtimes/capabilities.py) -->", "<!-- END declarations -->"
+
+
+def capabilities_markdown() -> str:
+    """The README's table of every declaration (what --quant, --kv-cache and the per-target options
+    each target takes, its cache, its verification and its engines), between TABLE_BEGIN/END."""
+    from runtimes.capabilities import TARGETS, KV_CACHE_NAMES
+
+    from ..options import FLAGS
+    short = {dtype: name for name, dtype in KV_CACHE_NAMES.items()}
+    rows = [TABLE_BEGIN, "| target/variant | --quant | KV cache (first: default) | options of its own | "
+            "verified by | runs on (device kind: engine) |", "| --- | --- | --- | --- | --- | --- |"]
+    for caps in TARGETS.values():
+        engines = ", ".join(f"{kind}: {e.engine}" for kind, e in caps.engines.items()) or "as " + " or ".join(
+            RUNS_AS.get(caps.name, ()))
+        rows.append(f"| `{caps.name}` | {', '.join(caps.quants)} | "
+                    f"{', '.join(short.get(k, k) for k in caps.kv_caches)}{' (static)' if caps.static_kv else ''} | "
+                    f"{', '.join(f'`{FLAGS[o]}`' for o in sorted(caps.honours)) or '-'} | {caps.scorer} | {engines} |")
+    return "\n".join(rows + [TABLE_END])
 
 
 def _load_builtin() -> None:
