@@ -171,6 +171,11 @@ def plan(source: str, device: str, context: int = 8192, trace_tokens: int | None
             skipped.append({"quant": quant, "reason": str(e)})
             continue
         for target in profile.targets:
+            allowed = get_capabilities(target).context_range(spec.max_position_embeddings)
+            if context not in allowed:  # the target's declared max_context rule
+                skipped.append({"quant": quant, "target": target, "reason": f"{target} holds {allowed.start}.."
+                                f"{allowed.stop - 1} positions, not --context {context}"})
+                continue
             options.append(plan_option(spec, Roofline(profile, target), quant, context, trace_tokens,
                                        profile.budget_bytes, kv_cache, latency_s))
     return {

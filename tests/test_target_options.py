@@ -217,3 +217,32 @@ def test_cli_choices_are_the_declarations():
     text = cli("export", "--help").output
     for caps in TARGETS.values():
         assert caps.name in text
+
+
+def test_estimate_takes_the_engine_from_the_manifests_declaration():
+    """target + variant in a manifest -> its declaration -> the engine it names for the device's kind."""
+    from devices.estimate import EstimateError, Roofline, artifact_target, runs_as
+    from devices.profiles import get_profile
+    cases = {("onnx", "qnn", "snapdragon-8-gen3"): ("onnx/qnn", "phone-npu"),
+             ("onnx", "ort", "jetson-orin-nano-8gb"): ("onnx/ort", "jetson-cpu"),
+             ("onnx", "portable", "jetson-orin-nano-8gb"): ("tensorrt", "jetson-gpu"),
+             ("onnx", "portable", "apple-m4"): ("onnx/ort", "cpu"),
+             ("tensorrt", "explicit", "jetson-agx-thor"): ("tensorrt", "jetson-gpu"),
+             ("coreml", "mlprogram", "apple-a18-pro"): ("coreml", "apple-gpu")}
+    for (target, variant, device), (runs, engine) in cases.items():
+        profile = get_profile(device)
+        name = runs_as(artifact_target({"target": target, "variant": variant}), profile)
+        assert (name, Roofline(profile, name).engine) == (runs, engine)
+        assert engine == TARGETS[runs].engines[profile.kind].engine
+    with pytest.raises(EstimateError, match="a.json: no capabilities declared for target 'onnx' variant 'npu'"):
+        artifact_target({"target": "onnx", "variant": "npu"}, "a.json")
+
+
+def test_plan_offers_what_the_declarations_carry():
+    from edge_export.plan import exportable, plan
+    assert exportable() == {(name, q) for name, caps in TARGETS.items() for q in caps.quants}
+    p = plan("preset:r1-distill-qwen-1.5b", "snapdragon-8-gen3", context=4096)
+    for option in p["options"]:
+        caps = TARGETS[option["target"]]
+        assert option["exportable"] == (option["quant"] in caps.quants)
+        assert option["kv_cache"] == caps.kv_caches[0]
