@@ -176,6 +176,7 @@ def _sampling_options(f):
 @click.option("--json", "as_json", is_flag=True)
 def targets(as_json):
     """List the targets an export can lower to, what each needs, and whether it runs here."""
+    from .options import FLAGS
     from .targets import describe_targets
     rows = describe_targets()
     if as_json:
@@ -183,7 +184,7 @@ def targets(as_json):
         return
     for r in rows:
         here = "runs here" if r["runs_here"] else f"cannot run here: {r['why_not']}"
-        honours = ", ".join(r["honours"]) or "no options of its own"
+        honours = ", ".join(FLAGS[o] for o in r["honours"]) or "no options of its own"
         click.echo(f"{r['target']}/{r['variant']}: {r['description']}\n    quant {', '.join(r['quant'])}; KV cache "
                    f"{', '.join(r['kv_cache'])}; honours {honours}; needs {r['needs']}; {here}")
 
