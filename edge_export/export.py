@@ -82,7 +82,9 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     """
     if overrides:
         options = replace(options, **overrides)
-    target, variant = get_target(options.target, options.variant)
+    # another exporter writes a variant of its own (its module checks --variant); the options are
+    # checked against the target's default variant, which honours --via where any does
+    target, variant = get_target(options.target, None if options.via else options.variant)
     caps = target.capabilities(variant)
     options = check_options(options, caps)
     if options.via is not None:
