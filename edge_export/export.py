@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 # Exporters other than our own builder, by the name `--via` takes: module, function(checkpoint, out,
-# options, progress) -> manifest. Imported only when asked for.
-EXPORTERS = {"optimum": (".optimum_export", "export_via_optimum")}
+# options, progress) -> manifest, and the variant its artifacts name. Imported only when asked for.
+EXPORTERS = {"optimum": (".optimum_export", "export_via_optimum", "optimum")}
 
 
 def resolve_method(options: ExportOptions, ckpt) -> ExportOptions:
@@ -82,15 +82,16 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
     """
     if overrides:
         options = replace(options, **overrides)
-    # another exporter writes a variant of its own (its module checks --variant); the options are
-    # checked against the target's default variant, which honours --via where any does
-    target, variant = get_target(options.target, None if options.via else options.variant)
+    # another exporter writes a variant of its own: the options are checked against the target's
+    # default variant then, which honours --via where any does
+    own = options.via in EXPORTERS and options.variant == EXPORTERS[options.via][2]
+    target, variant = get_target(options.target, None if own else options.variant)
     caps = target.capabilities(variant)
     options = check_options(options, caps)
     if options.via is not None:
         if options.via not in EXPORTERS:
             raise ExportError(f"--via '{options.via}' is not an exporter (known: {', '.join(EXPORTERS)})")
-        module, function = EXPORTERS[options.via]
+        module, function, _ = EXPORTERS[options.via]
         return getattr(import_module(module, __package__), function)(checkpoint, out, options, progress)
     if target.prepare is not None:
         options = target.prepare(options)

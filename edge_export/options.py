@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import InitVar, dataclass, field, fields, replace
 
-from runtimes.capabilities import (DEFAULT_QNN_SOC, KV_BYTES, KV_CACHE_NAMES, QNN_SOCS, RUNS_AS, TARGETS,
-                                   TargetCapabilities, kv_dtype)
+from runtimes.capabilities import (DEFAULT_QNN_SOC, KV_BYTES, KV_CACHE_NAMES, QNN_SOCS, RUNS_AS, TARGET_OPTIONS,
+                                   TARGETS, TargetCapabilities, kv_dtype)
 
 from .errors import ExportError
 
@@ -105,11 +105,6 @@ for _name, (_group, _) in TARGET_GROUPS.items():
     setattr(ExportOptions, _name, property(lambda self, g=_group, n=_name: getattr(getattr(self, g), n)))
 
 
-def option_value(options: ExportOptions, name: str):
-    """An option's value by its name (per-target ones from their group)."""
-    return getattr(options, name)
-
-
 def option_default(name: str):
     """An option's default, where a user has not set it."""
     if name in TARGET_GROUPS:
@@ -128,8 +123,8 @@ def check_options(options: ExportOptions, caps: TargetCapabilities) -> ExportOpt
     if options.quant not in caps.quants:
         raise ExportError(f"--quant {options.quant} cannot be carried by target {caps.name} "
                           f"(it takes: {', '.join(caps.quants)})")
-    for name in sorted({n for t in TARGETS.values() for n in t.honours} - caps.honours):
-        value = option_value(options, name)
+    for name in (n for n in TARGET_OPTIONS if n not in caps.honours):
+        value = getattr(options, name)
         if value != option_default(name):
             raise ExportError(f"target {caps.name} does not honour {FLAGS[name]} ({name}={value!r}): it applies to "
                               f"{', '.join(honoured_by(name))} only; drop it for {caps.name}")
@@ -209,6 +204,6 @@ def _check_positive(options: ExportOptions, caps: TargetCapabilities) -> None:
     if options.accuracy_level not in range(5):
         raise ExportError(f"--accuracy-level {options.accuracy_level} (accuracy_level) must be 0..4")
     for name in ("prefill_chunk", "opt_tokens"):
-        value = option_value(options, name)
+        value = getattr(options, name)
         if name in caps.honours and not (isinstance(value, int) and value >= 1):
             raise ExportError(f"{FLAGS[name]} {value} ({name}) must be a positive number of tokens")

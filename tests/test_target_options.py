@@ -58,6 +58,14 @@ def test_every_option_table_covers_the_declarations():
         assert SET_VALUES[name] != option_default(name) and name in FLAGS
 
 
+def test_declarations_name_only_known_options_scorers_and_kv_dtypes():
+    from runtimes.capabilities import SCORERS
+    for caps in TARGETS.values():
+        assert caps.honours <= set(TARGET_OPTIONS) and caps.scorer in SCORERS, caps.name
+        assert set(caps.kv_caches) <= set(KV_BYTES) and caps.quants and caps.max_context[0] >= 1, caps.name
+        assert sum(c.default_variant for c in TARGETS.values() if c.target == caps.target) == 1, caps.target
+
+
 def test_registered_targets_implement_exactly_the_declared_ones():
     registered = {capabilities_of(t.name, v).name for t in all_targets() for v in t.variants}
     assert registered == set(TARGETS)
@@ -246,3 +254,13 @@ def test_plan_offers_what_the_declarations_carry():
         caps = TARGETS[option["target"]]
         assert option["exportable"] == (option["quant"] in caps.quants)
         assert option["kv_cache"] == caps.kv_caches[0]
+
+
+def test_via_is_checked_against_the_default_variant_and_keeps_its_own(tmp_path):
+    """--via optimum writes variant 'optimum'; naming it is not refused as an unknown variant, and the
+    exporter's own checks still run (here: the precision it cannot make)."""
+    with pytest.raises(ExportError, match="--via optimum takes --quant int4 or fp32, not int8"):
+        export("nowhere", tmp_path / "a", ExportOptions(via="optimum", variant="optimum", quant="int8"))
+    with pytest.raises(ExportError, match=r"target onnx/portable does not honour --via"):
+        export("nowhere", tmp_path / "b", ExportOptions(via="optimum", variant="portable"))
+    assert list(tmp_path.iterdir()) == []
