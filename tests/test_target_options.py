@@ -11,8 +11,7 @@ from edge_export.errors import ExportError
 from edge_export.export import ExportOptions, export
 from edge_export.options import FLAGS, OrtOptions, QnnOptions, TensorrtOptions, check_options, option_default
 from edge_export.targets import all_targets
-from runtimes.capabilities import (KV_BYTES, KV_CACHE_NAMES, TARGET_OPTIONS, TARGETS, capabilities_of, kv_dtype,
-                                   target_names)
+from runtimes.capabilities import KV_BYTES, KV_CACHE_NAMES, TARGET_OPTIONS, TARGETS, capabilities_of, target_names
 
 # A value other than the default for each option only some targets honour.
 SET_VALUES = {"symmetric": False, "fp8_activations": True, "via": "optimum", "accuracy_level": 0, "soc": "SM8750",
