@@ -234,3 +234,15 @@ def test_export_verifies_on_the_cpu_provider_off_a_snapdragon(smollm2_slice, tmp
     assert figures["prompts"] == 2 and figures["kl_mean"] < 0.2
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "CPU provider" in figures["verified_with"]
+
+
+def test_soc_and_prefill_chunk_come_from_the_options(tiny_llama, tmp_path):
+    """--device names a Snapdragon profile: its SoC is what the graphs are for (no constant); the
+    prefill chunk is QnnOptions.prefill_chunk; export hands the calibration prompts in."""
+    manifest = export(tiny_llama, tmp_path / "q", ExportOptions(target="onnx", variant="qnn", quant="int8",
+                                                               max_context=96, verify=False,
+                                                               device="snapdragon-8-elite", prefill_chunk=16))
+    graph = manifest["graph"]
+    assert graph["soc"] == {"name": "SM8750", "soc_model": 69, "htp_arch": 79, "marketing_name": "Snapdragon 8 Elite"}
+    assert graph["prefill"]["seq_len"] == 16 and graph["kv_dtype"] == "uint16"
+    assert graph["quantization"]["calibration"]["prompts"] == 16

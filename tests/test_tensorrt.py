@@ -292,3 +292,13 @@ def test_build_engine_and_generate(int4_artifact):  # pragma: no cover - needs T
     ref = runtimes.load(int4_artifact, backend="reference")
     ids = list(range(3, 40))
     assert int(rt.backend.prefill(ids).argmax()) == int(ref.backend.prefill(ids).argmax())
+
+
+def test_opt_tokens_set_the_optimization_profile(tiny_llama, tmp_path):
+    """TensorrtOptions.opt_tokens is the profile's "opt" prompt, in the engine plan and its trtexec line."""
+    manifest = export(tiny_llama, tmp_path / "a", ExportOptions(target="tensorrt", quant="int4", max_context=256,
+                                                               verify=False, opt_tokens=64))
+    engine = manifest["engine"]
+    assert engine["profiles"]["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [1, 256]}
+    assert engine["profiles"]["attention_mask"]["opt"] == [1, 64] and "attention_mask:1x64" in engine["trtexec"]
+    assert manifest["graph"]["kv_dtype"] == "float16"
