@@ -19,8 +19,8 @@ from quantizers import QuantizedTensor, Rules, Stats
 from quantizers.awq import awq_quantize_shared, awq_search_shared
 
 from runtimes import rope
-from runtimes.models import LAYER_TENSORS
-from runtimes.reference import LayerWeights, layer_forward, layer_keys, rms_norm
+from runtimes.models import LAYER_TENSORS, describe, layer_keys
+from runtimes.reference import LayerWeights, layer_forward, rms_norm
 
 from .errors import ExportError
 
@@ -90,8 +90,7 @@ class QuantizedWeights:
             used = np.unique(np.concatenate([np.asarray(ids) for ids in calibration]))
             rows = checkpoint.tensor(self.spec.tensor_name("embed"), rows=used)
             self._hidden = [rows[np.searchsorted(used, ids)] for ids in calibration]
-            self._tables = [rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling,
-                                         np.arange(len(ids))) for ids in calibration]
+            self._tables = [rope.Rope.for_spec(self.spec).tables(np.arange(len(ids))) for ids in calibration]
 
     # ---- public ------------------------------------------------------------------------
     def get(self, name: str):
@@ -312,7 +311,7 @@ class QuantizedWeights:
             self.records[names[key]] = TensorRecord(qt.scheme, "quantized")
         out[names["attn_norm"]], out[names["mlp_norm"]] = attn_norm, mlp_norm
         self.records[names["attn_norm"]] = self.records[names["mlp_norm"]] = TensorRecord(None, "float (AWQ-folded)")
-        if spec.attention_bias:
+        if describe(spec).attention.bias:
             out[names["v_bias"]] = lw["v_bias"] / s_v
             self.records[names["v_bias"]] = TensorRecord(None, "float (AWQ-folded)")
         return out

@@ -16,7 +16,7 @@ from edge_export.errors import ExportError
 from edge_export.export import ExportOptions, export, quant_rules, resolve_method
 from edge_export.quantize import QuantizedWeights
 from runtimes.errors import BackendUnavailableError
-from runtimes.reference import layer_keys
+from runtimes.models import layer_keys
 
 ct = pytest.importorskip("coremltools", reason="coremltools is not installed (pip install coremltools==9.0): "
                                                "the coreml target cannot convert here")

@@ -26,7 +26,7 @@ def test_key_scales_hold_every_rotary_position():
     kv.update(k, v)
     k_scale, v_scale = kv.scales()
     assert k_scale.shape == v_scale.shape == (2, 16) and k_scale.dtype == np.float32
-    cos, sin = rope.cos_sin(16, 10000.0, None, rng.integers(0, 100_000, 40))
+    cos, sin = rope.Rope(16, 10000.0).table(rng.integers(0, 100_000, 40))
     rotated = rope.apply(k, cos, sin)
     assert np.abs(rotated / k_scale[:, None, :]).max() <= 127.0 + 1e-3
     # the largest rotated pair reaches the top of the range at some angle: the scale is not loose

@@ -116,9 +116,11 @@ class StaticDecoder:
 
     def _rotary(self, positions: np.ndarray) -> dict:
         """position_cos / position_sin [1, 1, S, head_dim]: cos twice, and sin with its first half
-        negated, so the graph computes rope(x) = x * cos + swap_halves(x) * sin."""
-        cos, sin = rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling, positions)
-        values = {"position_cos": np.concatenate([cos, cos], 1), "position_sin": np.concatenate([-sin, sin], 1)}
+        negated (1 and 0 past the rotary channels), so the graph computes rope(x) = x * cos +
+        swap_halves(x) * sin. The sequence so far decides LongRoPE's factor set."""
+        cos, sin = rope.Rope.for_spec(self.spec).tables(positions, total=int(np.max(positions)) + 1)
+        full_cos, signed_sin = rope.full_width(cos, sin, self.spec.head_dim)
+        values = {"position_cos": full_cos, "position_sin": signed_sin}
         return {name: self._encode(name, v[None, None]) for name, v in values.items()}
 
     def _encode(self, name: str, x: np.ndarray) -> np.ndarray:
