@@ -51,6 +51,11 @@ def build_ort_decoder(spec: ModelSpec, weights, out_dir: str | Path, *, max_cont
         # onnxruntime's GroupQueryAttention kernels refuse it at run time ("head_size shall be a multiple of 16")
         raise ExportError(f"head_dim={spec.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
                           "needs; export with --variant portable instead")
+    rotary = describe(spec).attention.rotary_dim
+    if rotary % 16:
+        # GroupQueryAttention: "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"
+        raise ExportError(f"the rotary embedding spans {rotary} channels of each head, not a multiple of 16, which "
+                          "onnxruntime's GroupQueryAttention needs; export with --variant portable instead")
     if kv_dtype not in KV_TYPES:
         raise ExportError(f"kv_dtype '{kv_dtype}' is not supported by the ort variant (use {', '.join(KV_TYPES)})")
     if kv_dtype == "int8" and not hasattr(weights, "kv_scales"):

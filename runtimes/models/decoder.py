@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Every layer tensor a description can name, `{bid}` for the layer (HF names; gguf-py's TensorNameMap idea).
+# Every layer tensor a description can name, by key: its HF name and its GGUF name (gguf-py's
+# TensorNameMap), `{bid}` for the layer. A family that stores some fused says so (Architecture.fused).
 LAYER_TENSORS = {
     "attn_norm": "model.layers.{bid}.input_layernorm.weight",
     "q_proj": "model.layers.{bid}.self_attn.q_proj.weight",
@@ -38,6 +39,16 @@ GLOBAL_TENSORS = {
     "final_norm": "model.norm.weight",
     "lm_head": "lm_head.weight",
 }
+GGUF_LAYER_TENSORS = {
+    "attn_norm": "blk.{bid}.attn_norm.weight", "q_proj": "blk.{bid}.attn_q.weight",
+    "k_proj": "blk.{bid}.attn_k.weight", "v_proj": "blk.{bid}.attn_v.weight",
+    "o_proj": "blk.{bid}.attn_output.weight", "q_bias": "blk.{bid}.attn_q.bias", "k_bias": "blk.{bid}.attn_k.bias",
+    "v_bias": "blk.{bid}.attn_v.bias", "q_norm": "blk.{bid}.attn_q_norm.weight",
+    "k_norm": "blk.{bid}.attn_k_norm.weight", "mlp_norm": "blk.{bid}.ffn_norm.weight",
+    "gate_proj": "blk.{bid}.ffn_gate.weight", "up_proj": "blk.{bid}.ffn_up.weight",
+    "down_proj": "blk.{bid}.ffn_down.weight",
+}
+GGUF_GLOBAL_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
 
 
 @dataclass(frozen=True)
