@@ -219,7 +219,8 @@ class TorchModuleBackend:
 class TorchModuleScorer(RuntimeScorer):
     """The converted module as the candidate of verify.compare (teacher-forced log-probs, greedy).
 
-    Teacher forcing runs a prompt and its continuation as one forward. Greedy decoding then reuses
+    Teacher forcing runs a prompt and its continuation as one forward (two where LongRoPE switches
+    factors inside the continuation, see :meth:`_forwards`). Greedy decoding then reuses
     those argmaxes: until the first position where the module's argmax leaves the reference's
     continuation, its own greedy run has the very same context, so it picks the same tokens; it
     decodes on from there. (Called in any other order, it decodes everything.)
@@ -235,10 +236,22 @@ class TorchModuleScorer(RuntimeScorer):
         out = []
         for prompt, cont in zip(prompts, continuations):
             self.backend.position = 0
-            logprobs = log_softmax(self.backend.run(list(prompt) + list(cont[:-1]), all_positions=True)[len(prompt) - 1:])
+            sequence = list(prompt) + list(cont[:-1])
+            logits = np.concatenate([self.backend.run(part, all_positions=True)
+                                     for part in self._forwards(len(prompt), sequence)])
+            logprobs = log_softmax(logits[len(prompt) - 1:])
             self._forced[tuple(prompt)] = (list(cont), logprobs.argmax(-1))
             out.append(logprobs)
         return out
+
+    def _forwards(self, prompt_length: int, sequence: list[int]) -> list[list[int]]:
+        """The forwards that compute what prefill + one decode step per token computes. One, but
+        for LongRoPE where the continuation passes the original context: decode steps up to it
+        rotate with the short factors, those after with the long ones, so split there."""
+        switch = self.backend.module.long_from
+        if switch is None or prompt_length > switch or len(sequence) <= switch:
+            return [sequence]
+        return [sequence[:switch], sequence[switch:]]
 
     def greedy(self, prompts, n_new) -> tuple[list[list[int]], None]:
         return [self._greedy(list(p), n_new, self._forced.pop(tuple(p), None)) for p in prompts], None
