@@ -41,6 +41,8 @@ MODELS: dict[str, ModelSpec] = {
     "smollm2-360m": _llama(960, 32, 15, 5, 64, 2560, vocab=49152, tied=True),
     "qwen2.5-0.5b": ModelSpec("Qwen2ForCausalLM", 896, 24, 14, 2, 64, 4864, 151936, attention_bias=True,
                               tied_embeddings=True),
+    "qwen3-4b": ModelSpec("Qwen3ForCausalLM", 2560, 36, 32, 8, 128, 9728, 151936, qk_norm=True,
+                          tied_embeddings=True),
     "qwen3-0.6b": ModelSpec("Qwen3ForCausalLM", 1024, 28, 16, 8, 128, 3072, 151936, qk_norm=True,
                             tied_embeddings=True),
 }
@@ -111,6 +113,11 @@ YZMA_NOTE = ("SmolLM-135M (SmolLM2-135M's dims) Q2_K through yzma's Go bindings 
 YZMA_EXCLUDED = ("not a decode rate: its 'tokens a second' count the ~7 prompt tokens with the ~18 forward passes "
                  "of each 24-position run and time the binding's per-token sampling; read as 137 passes/s it is "
                  "1.4x below the estimate, while the smolhub llama-server figure agrees with it")
+EDGE_LLM = "https://nvidia.github.io/TensorRT-Edge-LLM/user_guide/performance/performance-benchmarks.html"
+EDGE_LLM_NOTE = ("TensorRT Edge-LLM 0.4.0, INT4 AWQ (group 128, fp16 scales: 4.125 bits), batch 1; the output "
+                 "projection (or tied embedding) kept fp16 (ModelOpt's default excludes lm_head, assumed); TTFT: "
+                 "its 'Prefill (ms)' for the stated prompt, computed in fp16 (w4a16); generation length not "
+                 "stated, decode context = prompt + 128 assumed")
 SMOLHUB = "https://www.smolhub.com/posts/jetson-nano-super-benchmark-non-reasoning/"
 SMOLHUB_NOTE = ("llama.cpp CUDA (llama-server, -ngl 99, -c 2560), Jetson Orin Nano Super in its 25W mode (the "
                 "profile's 102 GB/s assumed to hold in it), one request at a time; decode rate and TTFT p50 from "
@@ -188,10 +195,13 @@ POINTS: tuple[PublishedPoint, ...] = (
       for device, rates in (("jetson-orin-nano-super", (19.14, 43.07, 21.75, 34.97, 38.1)),
                             ("jetson-orin-nano-8gb", (14.0, 27.7, 14.2, 21.5, 24.7)))
       for model, rate in zip(("llama-3.1-8b", "llama-3.2-3b", "qwen2.5-7b", "gemma-2-2b", "phi-3.5-mini"), rates)),
-    PublishedPoint("llama-3.1-8b", "jetson-agx-thor", JETSON_GPU, "int4", 4.125, 16, 50.8, 256,
-                   "TensorRT Edge-LLM perf page", False,
-                   note="INT4 AWQ, group 128, fp16 scales; lm_head kept fp16 (ModelOpt's default excludes it, "
-                        "assumed); short context assumed"),
+    # TensorRT Edge-LLM on the AGX Thor (the engine edge-export's tensorrt target runs), BS=1 rows of
+    # its 0.4.0 table. The 8B was held out before; the sub-1B Qwen3-0.6B is held out; the 4B calibrates.
+    *(PublishedPoint(model, "jetson-agx-thor", JETSON_GPU, "int4", 4.125, 16, rate, prompt + 128, EDGE_LLM, fits,
+                     ttft_ms=ttft, prompt_tokens=prompt, note=EDGE_LLM_NOTE)
+      for model, rate, ttft, prompt, fits in (("llama-3.1-8b", 50.8, 215.5, 383, False),
+                                              ("qwen3-0.6b", 270.2, 21.0, 366, False),
+                                              ("qwen3-4b", 76.4, 116.2, 364, True))),
     # llama.cpp CUDA (its own stack: its own share of bandwidth, the class's fixed cost), smolhub's
     # Table 15 at 25W: prompt 2048, 256 generated. The size range's two ends calibrate, the three
     # sub-1B models between them are held out.
