@@ -86,7 +86,8 @@ class PublishedPoint:
 
     @property
     def label(self) -> str:
-        return (f"{self.model} on {self.device} ({self.engine}, {self.precision}, {self.decode_tok_s:g} tok/s at "
+        engine = f"{self.engine} {self.stack}" if self.stack else self.engine
+        return (f"{self.model} on {self.device} ({engine}, {self.precision}, {self.decode_tok_s:g} tok/s at "
                 f"{self.decode_context})")
 
 
@@ -156,7 +157,9 @@ POINTS: tuple[PublishedPoint, ...] = (
                    excluded="AI Hub's 'w4' path (not w4a16) decodes 37% slower than w4a16 at the same weight "
                             "bytes: not a layout edge-export's onnx/qnn produces"),
     PublishedPoint("r1-distill-qwen-1.5b", "snapdragon-x-elite", PHONE_NPU, "int4", 4.25, 4.25, 16, 256,
-                   "Windows developer blog, Jan 2025 (secondary copy)", False, ttft_ms=130, prompt_tokens=64,
+                   "https://blogs.windows.com/windowsdeveloper/2025/01/29/running-distilled-deepseek-r1-models-"
+                   "locally-on-copilot-pcs-powered-by-windows-copilot-runtime/ (figures from a secondary copy; the "
+                   "post past its opening could not be read here)", False, ttft_ms=130, prompt_tokens=64,
                    compute="int16",
                    excluded="the first ORT-QNN release of the distill decoded at ~15% of the bandwidth ceiling: "
                             "not a bandwidth-bound figure"),
