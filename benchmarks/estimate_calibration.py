@@ -49,8 +49,8 @@ def summary() -> dict:
 
 
 def markdown(data: dict) -> str:
-    lines = ["| engine class | efficiency | other stacks' efficiency | fixed per layer | decode points | decode widening "
-             "| TTFT widening |", "|---|---|---|---|---|---|---|"]
+    lines = ["| engine class | efficiency | other stacks' efficiency | fixed per layer | decode points "
+             "| decode widening | TTFT widening |", "|---|---|---|---|---|---|---|"]
     for engine, c in data["classes"].items():
         pooled = lambda flag: " (pooled)" if flag else ""  # noqa: E731
         stacks = ", ".join(f"{stack} {e:.2f}" for stack, e in c["stack_efficiency"].items()) or "-"

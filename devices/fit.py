@@ -9,6 +9,8 @@ device's bandwidth:
 ``layer_s`` and ``efficiency`` are fitted per engine class by least squares on relative error
 (efficiency <= 1, layer_s >= 0). A class whose points do not separate the two (fewer than three,
 or all with one layer count) borrows ``layer_s`` from the classes that fit one, and says so.
+Points of another software stack in a class (``PublishedPoint.stack``: llama.cpp on a Jetson GPU)
+get their own efficiency and share the class's ``layer_s``; estimates use the class's own stack.
 
 Prefill runs at a compute rate fitted per (engine class, compute precision) as FLOP per byte of
 the device's bandwidth; where a class has no published prefill figure, the rate is the share of
@@ -182,9 +184,10 @@ class ClassFit:
     layer_from: str
     stacks: tuple[tuple[str, float], ...] = ()  # (stack, efficiency) of the class's other software stacks
 
-    def stack_efficiency(self, stack: str) -> float:
-        """The efficiency of a software stack's points (the class's own: ``efficiency``)."""
-        return dict(self.stacks).get(stack, self.efficiency)
+    @property
+    def efficiencies(self) -> dict[str, float]:
+        """Stack -> efficiency, the class's own stack ("") included."""
+        return {OWN_STACK: self.efficiency, **dict(self.stacks)}
 
 
 def _points(engine: str) -> list[PublishedPoint]:
@@ -215,7 +218,8 @@ def class_fit(engine: str) -> ClassFit:
         how = (f"borrowed: median of the classes that fit one ({sources}); {engine}'s points do not separate it "
                "from the efficiency")
     if OWN_STACK not in efficiencies:
-        raise EstimateError(f"engine class '{engine}' has no calibration point of its own stack in devices/calibration.py")
+        raise EstimateError(f"engine class '{engine}' has no calibration point of its own stack "
+                            "in devices/calibration.py")
     others = tuple((s, e) for s, e in efficiencies.items() if s != OWN_STACK)
     return ClassFit(engine, efficiencies[OWN_STACK], layer_s, len(points), how, others)
 
@@ -226,14 +230,10 @@ def point_efficiency(point: PublishedPoint, efficiencies: dict[str, float]) -> f
     return 1.0 if point.bandwidth_gb_s else efficiencies.get(point.stack, efficiencies[OWN_STACK])
 
 
-def _efficiencies(fit: ClassFit) -> dict[str, float]:
-    return {OWN_STACK: fit.efficiency, **dict(fit.stacks)}
-
-
 def decode_estimate_s(point: PublishedPoint) -> float:
     fit = class_fit(point.engine)
     return step_s(point_workload(point), point.decode_context, fit.layer_s,
-                  point_efficiency(point, _efficiencies(fit)), point_bandwidth(point))
+                  point_efficiency(point, fit.efficiencies), point_bandwidth(point))
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def point_estimate_ttft_s(point: PublishedPoint) -> float:
     fit, work, bandwidth = class_fit(point.engine), point_workload(point), point_bandwidth(point)
     rate = prefill_rate_s(prefill_fit(point.engine, point.compute), bandwidth,
                           get_profile(point.device).peak_flops(point.compute))
-    weight_pass = step_s(work, point.prompt_tokens, 0.0, point_efficiency(point, _efficiencies(fit)), bandwidth)
+    weight_pass = step_s(work, point.prompt_tokens, 0.0, point_efficiency(point, fit.efficiencies), bandwidth)
     return ttft_s(work, point.prompt_tokens, rate, fit.layer_s, weight_pass)
 
 
