@@ -44,7 +44,8 @@ def summary() -> dict:
                            "ttft_range_factor": round(ttft.factor, 3), "ttft_range_pooled": ttft.pooled}
     points = [{"label": p.label, "role": role(p), "source": p.source, "decode_tok_s": p.decode_tok_s,
                **({"errors": {k: round(v, 3) for k, v in point_errors(p).items()}} if not p.excluded else
-                  {"excluded": p.excluded})} for p in POINTS]
+                  {"excluded": p.excluded}), **({"known_misses": list(p.known_misses)} if p.known_misses else {})}
+              for p in POINTS]
     return {"classes": classes, "points": points}
 
 
@@ -61,7 +62,9 @@ def markdown(data: dict) -> str:
     lines += ["", "| point | role | decode error | TTFT error |", "|---|---|---|---|"]
     for p in data["points"]:
         errors = p.get("errors", {})
-        cell = lambda key: f"{errors[key]:+.0%}" if key in errors else "-"  # noqa: E731
+        missed = p.get("known_misses", ())
+        cell = lambda key: (f"{errors[key]:+.0%}" + (" (known miss)" if key in missed else "")  # noqa: E731
+                            if key in errors else "-")
         lines.append(f"| {p['label']} | {p['role']} | {cell('decode_tok_s')} | {cell('ttft_ms')} |")
     return "\n".join(lines) + "\n"
 

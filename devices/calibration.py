@@ -41,6 +41,9 @@ MODELS: dict[str, ModelSpec] = {
     "smollm2-360m": _llama(960, 32, 15, 5, 64, 2560, vocab=49152, tied=True),
     "qwen2.5-0.5b": ModelSpec("Qwen2ForCausalLM", 896, 24, 14, 2, 64, 4864, 151936, attention_bias=True,
                               tied_embeddings=True),
+    # Cosmos-Reason2-2B's language model: Qwen3-VL-2B's text decoder (its vision encoder is not priced)
+    "qwen3-vl-2b-text": ModelSpec("Qwen3ForCausalLM", 2048, 28, 16, 8, 128, 6144, 151936, qk_norm=True,
+                                  tied_embeddings=True),
     "qwen3-4b": ModelSpec("Qwen3ForCausalLM", 2560, 36, 32, 8, 128, 9728, 151936, qk_norm=True,
                           tied_embeddings=True),
     "qwen3-0.6b": ModelSpec("Qwen3ForCausalLM", 1024, 28, 16, 8, 128, 3072, 151936, qk_norm=True,
@@ -83,6 +86,7 @@ class PublishedPoint:
     calibrates: tuple[str, ...] = ("decode", "prefill")  # what a calibration point fits
     bandwidth_gb_s: float | None = None  # a machine without a profile: its read bandwidth, measured with the point
     stack: str = OWN_STACK  # another software stack of the class: its own efficiency, the class's fixed cost
+    known_misses: tuple[str, ...] = ()  # held-out figures the estimator misses by more than the tolerance (note: why)
 
     @property
     def label(self) -> str:
@@ -119,6 +123,12 @@ EDGE_LLM_NOTE = ("TensorRT Edge-LLM 0.4.0, INT4 AWQ (group 128, fp16 scales: 4.1
                  "projection (or tied embedding) kept fp16 (ModelOpt's default excludes lm_head, assumed); TTFT: "
                  "its 'Prefill (ms)' for the stated prompt, computed in fp16 (w4a16); generation length not "
                  "stated, decode context = prompt + 128 assumed")
+HOKWANG = "https://github.com/hokwangchoi/jetson-orin-nano-benchmarks/blob/main/vlm-benchmarks/assets/results/"
+HOKWANG_NOTE = ("Jetson Orin Nano Super in MAXN_SUPER (the repository's device README), JetPack 6.2; a community "
+                "measurement (blog: https://hokwangchoi.com/blog/vlm-benchmarks/). Cosmos-Reason2-2B is Qwen3-VL-2B "
+                "post-trained: its text decoder is what decodes; output projection (tied embedding) kept fp16 as "
+                "for the other Edge-LLM points (the author splits the lm_head MatMul to fit the board's contiguous "
+                "allocations; its precision is not stated)")
 SMOLHUB = "https://www.smolhub.com/posts/jetson-nano-super-benchmark-non-reasoning/"
 SMOLHUB_NOTE = ("llama.cpp CUDA (llama-server, -ngl 99, -c 2560), Jetson Orin Nano Super in its 25W mode (the "
                 "profile's 102 GB/s assumed to hold in it), one request at a time; decode rate and TTFT p50 from "
@@ -205,6 +215,23 @@ POINTS: tuple[PublishedPoint, ...] = (
       for model, rate, ttft, prompt, fits in (("llama-3.1-8b", 50.8, 215.5, 383, False),
                                               ("qwen3-0.6b", 270.2, 21.0, 366, False),
                                               ("qwen3-4b", 76.4, 116.2, 364, True))),
+    # The same model through TensorRT Edge-LLM and llama.cpp on one Orin Nano Super (MAXN_SUPER):
+    # Cosmos-Reason2-2B's language model, text prompts. Both held out.
+    PublishedPoint("qwen3-vl-2b-text", "jetson-orin-nano-super", JETSON_GPU, "int4", 4.125, 16, 62.2, 19 + 42,
+                   HOKWANG + "trt/trt_profile_text_5x_20260419_013103.json", False, ttft_ms=29.26,
+                   prompt_tokens=19, known_misses=("ttft_ms",),
+                   note=f"TensorRT Edge-LLM, W4A16 AWQ (ModelOpt), 'tokens_per_second': 62.24 over 5 runs of 83 "
+                        f"generated tokens; LLM prefill 29.26 ms for a 19-token text prompt. {HOKWANG_NOTE} The "
+                        "TTFT is a known miss: a 19-token prefill is one pass over the weights, which the model "
+                        "prices at the decode kernels' share of bandwidth; Edge-LLM's prefill takes 1.8 decode "
+                        "steps, and no calibration point measures that"),
+    PublishedPoint("qwen3-vl-2b-text", "jetson-orin-nano-super", JETSON_GPU, "int4", 1.1e9 * 8 / 1.72e9,
+                   1.1e9 * 8 / 1.72e9, 38.3, 32 + 64,
+                   HOKWANG + "llamacpp/llamacpp_cosmos_q4km_20260418_233102_streaming.json", False, stack=LLAMA_CPP,
+                   note=f"llama.cpp Q4_K_M ('~1.1 GB model file', 5.1 bits/weight), llama-server: median 'tps' "
+                        f"38.33 (tpot 26.03 ms) over 5 runs of 128 tokens; its 33.3 ms TTFT is not used: the prompt's "
+                        f"token count is not published (~32 with the chat template assumed for the context). "
+                        f"{HOKWANG_NOTE}"),
     # llama.cpp CUDA (its own stack: its own share of bandwidth, the class's fixed cost), smolhub's
     # Table 15 at 25W: prompt 2048, 256 generated. The size range's two ends calibrate, the three
     # sub-1B models between them are held out.
