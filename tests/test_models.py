@@ -31,7 +31,7 @@ def test_tiny_keeps_structure(name):
 
 
 def test_registry_names():
-    assert supported_architectures() == ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+    assert supported_architectures() == ["LlamaForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
     assert get_architecture("qwen2").name == "Qwen2ForCausalLM"
 
 
