@@ -160,6 +160,21 @@ def test_4x_spelling_reads_identically(written, tmp_path):
     assert open_checkpoint(old_folder).spec == open_checkpoint(folder).spec
 
 
+def test_original_context_defaults_as_transformers_phi3config(written, tmp_path):
+    """Phi3Config's top-level original_max_position_embeddings defaults to 4096 and overrides the
+    rope dict's: a config.json without it is read with 4096, as transformers reads it."""
+    model, folder = written
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("original_max_position_embeddings", None)
+    config["rope_parameters"]["original_max_position_embeddings"] = ORIGINAL_CONTEXT
+    (bare / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoConfig.from_pretrained(bare)
+    spec = open_checkpoint(bare).spec
+    assert spec.rope_scaling["original_max_position_embeddings"] == theirs.original_max_position_embeddings == 4096
+
+
 def _transformers_on(artifact_folder: Path, model) -> torch.nn.Module:
     """``model``'s architecture with the weights ``artifact_folder`` stores (dequantized, fused back
     into qkv_proj / gate_up_proj as Phi-3 holds them)."""

@@ -111,6 +111,8 @@ class Architecture:
     ``rope_aliases``: this family's other names for a rope type (Phi-3's "su" is LongRoPE).
     ``fused``: checkpoint tensors that hold several of ours stacked along the rows, as
     {fused HF name template: (our keys in row order)}; see :meth:`sanitize`.
+    ``config_defaults``: what transformers' config class of this family assumes for a key that
+    config.json leaves out and that changes the arithmetic (read as if it were written).
     """
 
     name: str = ""
@@ -123,6 +125,7 @@ class Architecture:
     checks: dict = {}
     harmless: frozenset = frozenset()
     fused: dict = {}
+    config_defaults: dict = {}
 
     def sanitize(self, spec: ModelSpec, names) -> dict[str, tuple[str, int, int]]:
         """Checkpoint quirks: for each of our tensor names that a checkpoint (holding ``names``)
@@ -154,6 +157,8 @@ class Architecture:
     def spec_from_config(self, config: dict, source: str = "config.json") -> ModelSpec:
         """Validate an HF config dict and turn it into a ModelSpec; errors name ``source``.
         A key that changes the arithmetic and is not implemented is refused; an unknown one reported."""
+        if isinstance(config, dict):
+            config = {**self.config_defaults, **config}
         cfg = _ConfigReader(config, source)
         check_keys(config, {**COMMON_CHECKS, **self.checks}, self.harmless, self.name, source)
         hidden = cfg.dim("hidden_size")

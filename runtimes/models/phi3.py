@@ -25,3 +25,6 @@ class Phi3(Architecture):
                                               "implemented)"),
               "lm_head_bias": (value(lambda v: not v), "an lm_head without bias")}
     harmless = frozenset({"full_attn_mod", "interpolate_factor"})
+    # transformers' Phi3Config: a top-level original context of 4096 unless stated, and it wins over
+    # the rope dict's own original_max_position_embeddings
+    config_defaults = {"original_max_position_embeddings": 4096}
