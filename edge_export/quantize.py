@@ -216,13 +216,13 @@ class QuantizedWeights:
         out: dict[str, object] = {}
         if self.method == "awq":
             out = self._awq_layer(i, lw, stats, names)
-        for key in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        linears = describe(self.spec).linears()
+        for key in linears:
             if names[key] not in out:
                 out[names[key]] = self._linear(names[key], lw[key] if lw else None, stats, key)
-        for key in ("attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm"):
-            name = names[key]
-            if name in self.spec.tensor_shapes() and name not in out:
-                out[name] = self._single(name)
+        for key in layer_keys(self.spec):  # norms and biases: the layer's other tensors
+            if key not in linears and names[key] not in out:
+                out[names[key]] = self._single(names[key])
         self._ready.update(out)
         if self._hidden is not None:
             self._advance(i, out, names)
