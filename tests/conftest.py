@@ -19,7 +19,7 @@ from .skip_policy import (pytest_collectreport, pytest_runtest_logreport, pytest
                           pytest_terminal_summary)
 
 ARCH_PRESETS = {"LlamaForCausalLM": "r1-distill-llama-8b", "Qwen2ForCausalLM": "r1-distill-qwen-1.5b",
-                "Qwen3ForCausalLM": "r1-0528-qwen3-8b"}
+                "Qwen3ForCausalLM": "r1-0528-qwen3-8b", "Phi3ForCausalLM": "phi-4-mini-reasoning"}
 SMALL_VOCAB = 512
 
 

@@ -25,3 +25,9 @@ class Phi3(Architecture):
                                               "implemented)"),
               "lm_head_bias": (value(lambda v: not v), "an lm_head without bias")}
     harmless = frozenset({"full_attn_mod", "interpolate_factor"})
+
+    def extra_config(self, spec) -> dict:
+        """Phi-3's config.json states the original context at the top level; transformers' Phi3Config
+        defaults it to 4096 and lets it override the rope dict's, so a config without it reads wrong."""
+        original = (spec.rope_scaling or {}).get("original_max_position_embeddings")
+        return {"original_max_position_embeddings": original} if original else {}
