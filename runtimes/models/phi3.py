@@ -27,7 +27,14 @@ class Phi3(Architecture):
     harmless = frozenset({"full_attn_mod", "interpolate_factor"})
 
     def extra_config(self, spec) -> dict:
-        """Phi-3's config.json states the original context at the top level; transformers' Phi3Config
-        defaults it to 4096 and lets it override the rope dict's, so a config without it reads wrong."""
+        """What Phi-3's config.json states and transformers' Phi3Config would otherwise default from
+        Phi-3-mini: the original context at the top level (default 4096, and it overrides the rope
+        dict's), and pad_token_id (default 32000, outside a smaller vocabulary; Phi-4-mini pads with
+        its eos, <|endoftext|>)."""
+        extra = {}
         original = (spec.rope_scaling or {}).get("original_max_position_embeddings")
-        return {"original_max_position_embeddings": original} if original else {}
+        if original:
+            extra["original_max_position_embeddings"] = original
+        if spec.eos_token_ids:
+            extra["pad_token_id"] = spec.eos_token_ids[0]
+        return extra
