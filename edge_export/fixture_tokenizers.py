@@ -81,15 +81,15 @@ def _byte_level_phi4(spec: ModelSpec) -> FixtureTokenizer:
     if spec.vocab_size <= PHI4_SPECIALS[-1][0]:
         raise ExportError(f"byte-level Phi-4 tokenizer: vocabulary {spec.vocab_size} cannot hold the special ids "
                           f"up to {PHI4_SPECIALS[-1][0]}")
-    tokens = [(i, text, special, rstrip) for i, text, special, rstrip in PHI4_SPECIALS]
-    tokenizer = byte_level_tokenizer(spec.vocab_size, [t[0] for t in tokens], [t[1] for t in tokens],
-                                     special=[t[2] for t in tokens], rstrip=[t[3] for t in tokens])
-    added = {str(i): {"content": text, "lstrip": False, "normalized": False, "rstrip": rstrip, "single_word": False,
-                      "special": special} for i, text, special, rstrip in tokens}
+    ids, names, special, rstrip = (list(column) for column in zip(*PHI4_SPECIALS))
+    tokenizer = byte_level_tokenizer(spec.vocab_size, ids, names, special=special, rstrip=rstrip)
+    added = {str(i): {"content": text, "lstrip": False, "normalized": False, "rstrip": strip, "single_word": False,
+                      "special": flag} for i, text, flag, strip in PHI4_SPECIALS}
     config = {"add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
-              "added_tokens_decoder": added, "bos_token": "<|endoftext|>", "chat_template": PHI4_MINI_REASONING_TEMPLATE,
-              "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "model_max_length": 131072,
-              "pad_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<|endoftext|>"}
+              "added_tokens_decoder": added, "bos_token": "<|endoftext|>",
+              "chat_template": PHI4_MINI_REASONING_TEMPLATE, "clean_up_tokenization_spaces": False,
+              "eos_token": "<|endoftext|>", "model_max_length": 131072, "pad_token": "<|endoftext|>",
+              "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<|endoftext|>"}
     note = ("No Phi-4 (o200k) tokenizer file is available offline: this is a byte-level BPE tokenizer made for the "
             f"fixture, sized to the model's vocabulary ({spec.vocab_size} ids), carrying Phi-4-mini-reasoning's "
             "added tokens at their real ids (<|endoftext|> 199999, <|endofprompt|> 200018, <|assistant|> 200019, "

@@ -26,6 +26,12 @@ QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddi
 
 TINY_HIDDEN, TINY_KV_HEADS, TINY_LAYERS, TINY_LLAMA_VOCAB = 128, 2, 2, 512
 TINY_CONTEXT = 4096
+R1_SOURCE = "the published config.json of each DeepSeek-R1 distill (R1_FAMILY.md in the project's notes)"
+PHI4_SOURCE = ("Phi-4-mini's published config.json (rope factors, dims and keys as vendored from "
+               "microsoft/Phi-4-mini-instruct, e.g. by FastFlowLM and keras-hub's phi4_mini presets; "
+               "Phi-4-mini-reasoning is Phi-4-mini fine-tuned, same architecture), bos/eos/pad from "
+               "Phi-4-mini-reasoning's tokenizer_config.json (microsoft/onnxruntime-extensions "
+               "test/data/phi-4-mini-reasoning/), sampling from its model card (temperature 0.8, top_p 0.95)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class Preset:
     derives the head width from hidden_size // num_attention_heads).
     ``tiny_original_context``: LongRoPE's original context at tiny scale (tokens), small so a
     short prompt crosses it; the full model's extension factor is kept.
+    ``source``: where the full-scale figures come from (the fixture's README repeats it).
     """
 
     spec: ModelSpec
@@ -46,6 +53,7 @@ class Preset:
     tiny_vocab: int | None = None
     tiny_hidden: int | None = TINY_HIDDEN
     tiny_original_context: int | None = None
+    source: str = R1_SOURCE
 
 
 def _qwen2(hidden, layers, heads, kv, inter, vocab, theta, eps) -> Preset:
@@ -96,7 +104,7 @@ PHI4_GENERATION = {"temperature": 0.8, "top_p": 0.95, "do_sample": True, "eos_to
 def _phi4_mini_reasoning() -> Preset:
     spec = spec_from_config(PHI4_MINI_CONFIG, "Phi-4-mini-reasoning config.json (edge_export/presets.py)")
     return Preset(dataclasses.replace(spec, generation=PHI4_GENERATION), tokenizer="byte-level-phi4",
-                  tiny_hidden=None, tiny_original_context=64)
+                  tiny_hidden=None, tiny_original_context=64, source=PHI4_SOURCE)
 
 
 PRESETS: dict[str, Preset] = {
