@@ -126,3 +126,21 @@ def test_generation_config_stops_on_end_of_turn(phi_tiny):
     gen = json.loads((phi_tiny / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [200020, 199999] and gen["temperature"] == 0.8
     assert open_checkpoint(phi_tiny).spec.generation["eos_token_ids"] == [200020, 199999]
+
+
+def test_sharded_fixture_keeps_fused_tensors_whole(tmp_path, monkeypatch):
+    """Past the shard size (lowered here from 2 GB), tensors go to numbered shards with an index; a
+    fused tensor is never split across two, and both transformers and our reader follow the index."""
+    import edge_export.fixtures as fixtures
+    monkeypatch.setattr(fixtures, "SHARD_BYTES", 40 << 20)
+    folder = write_fixture("phi-4-mini-reasoning", "tiny", tmp_path / "sharded")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not any(("q_proj" in n or "gate_proj" in n) for n in index["weight_map"])
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                    output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ckpt = open_checkpoint(folder)
+    q_rows, kv_rows = ckpt.spec.num_heads * ckpt.spec.head_dim, ckpt.spec.num_kv_heads * ckpt.spec.head_dim
+    theirs = model.model.layers[1].self_attn.qkv_proj.weight.detach().numpy()[q_rows:q_rows + kv_rows]
+    assert np.array_equal(ckpt.tensor("model.layers.1.self_attn.k_proj.weight"), theirs)
