@@ -5,6 +5,7 @@ original context at the top level), a byte-level tokenizer of exactly 200,064 id
 added tokens at their real ids, and the real chat template, which adds no <think>: the model
 writes "<think>...</think>" itself, as plain text.
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -16,6 +17,7 @@ from edge_export.export import tokenizer_fields
 from edge_export.fixtures import write_fixture
 from edge_export.presets import PHI4_MINI_CONFIG, preset_spec
 from runtimes import rope
+from runtimes.models import get_architecture, spec_from_config
 from runtimes.generate import Detokenizer, ThinkSplitter
 from runtimes.reference import ReferenceDecoder
 
@@ -53,6 +55,8 @@ def test_full_preset_reads_as_transformers_reads_the_published_config():
         ours, factor = rope.inv_freq(spec.rotary_dim, spec.rope_theta, spec.rope_scaling, long=long)
         assert np.allclose(ours, theirs.double().numpy(), rtol=1e-6) and factor == pytest.approx(their_factor)
     assert spec.generation["temperature"] == 0.8 and spec.generation["top_p"] == 0.95
+    written = get_architecture(spec.architecture).config_from_spec(spec)  # what the full fixture writes
+    assert spec_from_config(written) == dataclasses.replace(spec, generation={})
 
 
 def test_tiny_keeps_phi_structure():
