@@ -19,7 +19,7 @@ from quantizers import QuantizedTensor, Rules, Stats
 from quantizers.awq import awq_quantize_shared, awq_search_shared
 
 from runtimes import rope
-from runtimes.models import LAYER_TENSORS, describe, layer_keys
+from runtimes.models import LAYER_TENSORS, ModelSpec, describe, layer_keys
 from runtimes.reference import LayerWeights, layer_forward, rms_norm
 
 from .errors import ExportError
@@ -262,7 +262,7 @@ class QuantizedWeights:
             widths = {"qkv": self.spec.hidden_size, "o": self.spec.num_heads * self.spec.head_dim,
                       "gate_up": self.spec.hidden_size, "down": self.spec.intermediate_size}
             stats = {p: Stats(k, keep_xtx=keep_xtx) for p, k in widths.items()}
-        kv = quantizers.KVRange(self.spec.num_kv_heads, self.spec.head_dim) if self._kv is not None else None
+        kv = _kv_range(self.spec) if self._kv is not None else None
         keys = []
 
         def observer(layer, point, x):
@@ -379,3 +379,10 @@ def _rows(qt: QuantizedTensor, rows: slice) -> QuantizedTensor:
 
 def _carry_kind(qt: QuantizedTensor) -> str:
     return "decomposed" if qt.residual is not None else "carried"
+
+
+def _kv_range(spec: ModelSpec) -> quantizers.KVRange:
+    """One layer's KV ranges: keys rotate over the spec's rotary width, their cos/sin scaled by the
+    rope's attention factor (YaRN, LongRoPE; the same for LongRoPE's short and long factors)."""
+    gain = rope.inv_freq(spec.rotary_dim, spec.rope_theta, spec.rope_scaling)[1]
+    return quantizers.KVRange(spec.num_kv_heads, spec.head_dim, rotary_dim=spec.rotary_dim, rotary_gain=gain)

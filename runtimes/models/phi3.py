@@ -28,3 +28,16 @@ class Phi3(Architecture):
     # transformers' Phi3Config: a top-level original context of 4096 unless stated, and it wins over
     # the rope dict's own original_max_position_embeddings
     config_defaults = {"original_max_position_embeddings": 4096}
+
+    def extra_config(self, spec) -> dict:
+        """What Phi-3's config.json states and transformers' Phi3Config would otherwise default from
+        Phi-3-mini: the original context at the top level (default 4096, and it overrides the rope
+        dict's), and pad_token_id (default 32000, outside a smaller vocabulary; Phi-4-mini pads with
+        its eos, <|endoftext|>)."""
+        extra = {}
+        original = (spec.rope_scaling or {}).get("original_max_position_embeddings")
+        if original:
+            extra["original_max_position_embeddings"] = original
+        if spec.eos_token_ids:
+            extra["pad_token_id"] = spec.eos_token_ids[0]
+        return extra
