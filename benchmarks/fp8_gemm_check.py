@@ -45,7 +45,7 @@ def prepare(artifact_dir: str, checkpoint: str, out: str) -> None:
     ids = ckpt.tokenizer.encode_chat(PROMPT)[:64]
     ids += [ids[-1]] * (64 - len(ids))
     h = ckpt.tensor(spec.tensor_name("embed"), rows=np.asarray(ids))
-    cos, sin = rope.cos_sin(spec.head_dim, spec.rope_theta, spec.rope_scaling, np.arange(len(ids)))
+    cos, sin = rope.Rope.for_spec(spec).tables(np.arange(len(ids)))
     seen: dict[tuple[int, str], np.ndarray] = {}
     for i in range(max(LAYERS) + 1):
         h = layer_forward(spec, LayerWeights.load(spec, i, ckpt.tensor), h, cos, sin, layer=i,

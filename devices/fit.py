@@ -9,6 +9,8 @@ device's bandwidth:
 ``layer_s`` and ``efficiency`` are fitted per engine class by least squares on relative error
 (efficiency <= 1, layer_s >= 0). A class whose points do not separate the two (fewer than three,
 or all with one layer count) borrows ``layer_s`` from the classes that fit one, and says so.
+Points of another software stack in a class (``PublishedPoint.stack``: llama.cpp on a Jetson GPU)
+get their own efficiency and share the class's ``layer_s``; estimates use the class's own stack.
 
 Prefill runs at a compute rate fitted per (engine class, compute precision) as FLOP per byte of
 the device's bandwidth; where a class has no published prefill figure, the rate is the share of
@@ -21,6 +23,7 @@ pooled, and the method says which.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import statistics
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from runtimes.capabilities import CPU, ENGINE_CLASSES, JETSON_CPU
 from runtimes.errors import EdgeError
 from runtimes.models import ModelSpec
 
-from .calibration import MODELS, PublishedPoint, calibration_points
+from .calibration import MODELS, OWN_STACK, PublishedPoint, calibration_points
 from .profiles import get_profile
 
 MIN_POINTS = 3  # fewer than this in a class: its fixed cost is borrowed and its residuals pooled
@@ -121,8 +124,9 @@ def point_bandwidth(point: PublishedPoint) -> float:
     return get_profile(point.device).bandwidth_bytes_s
 
 
-def _solve(points: list[PublishedPoint], layer_s: float | None) -> tuple[float, float]:
-    """(layer_s, efficiency) minimising relative decode error; ``layer_s`` given: efficiency only."""
+def _rows(points: list[PublishedPoint], stacks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares system on relative step time: columns layer_s and one inverse
+    efficiency per stack; a point whose bandwidth was measured moves its bytes to the target side."""
     rows, target = [], []
     for p in points:
         work = point_workload(p)
@@ -130,22 +134,37 @@ def _solve(points: list[PublishedPoint], layer_s: float | None) -> tuple[float, 
         read = (work.streamed_bytes + work.kv_bytes(p.decode_context)) / point_bandwidth(p) / t
         # a measured bandwidth is already an achieved rate (efficiency 1, as for the host profile):
         # what the bytes do not explain there is fixed cost
-        rows.append([work.spec.num_layers / t, 0.0 if p.bandwidth_gb_s else read])
+        rows.append([work.spec.num_layers / t, *(0.0 if p.bandwidth_gb_s or p.stack != s else read for s in stacks)])
         target.append(1.0 - (read if p.bandwidth_gb_s else 0.0))
-    a, b = np.array(rows), np.array(target)
+    return np.array(rows), np.array(target)
+
+
+def _bounded_lstsq(a: np.ndarray, b: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """min |a x - b| with x >= lower, by trying every set of bounds held (the problem is convex and
+    has at most a few unknowns: the best feasible solution of all the equality-bounded ones is the optimum)."""
+    best, best_cost = None, math.inf
+    n = a.shape[1]
+    for held in itertools.product((False, True), repeat=n):
+        x = np.where(held, lower, 0.0)
+        free = [i for i in range(n) if not held[i]]
+        if free:
+            x[free] = np.linalg.lstsq(a[:, free], b - a @ x, rcond=None)[0]
+        if np.all(x >= lower - 1e-15) and (cost := float(np.sum((a @ x - b) ** 2))) < best_cost - 1e-18:
+            best, best_cost = x, cost
+    return best
+
+
+def _solve(points: list[PublishedPoint], layer_s: float | None) -> tuple[float, dict[str, float]]:
+    """(layer_s, {stack: efficiency}) minimising relative decode error, with layer_s >= 0 and each
+    efficiency <= 1; ``layer_s`` given: the efficiencies only. A stack with one point fits that point
+    through its own efficiency and leaves layer_s to the others."""
+    stacks = sorted({p.stack for p in points})
+    a, b = _rows(points, stacks)
     if layer_s is None:
-        (layer_s, inverse), *_ = np.linalg.lstsq(a, b, rcond=None)
-        if layer_s < 0 or inverse < 1:  # outside the physical region: fix the bound that broke, refit the other
-            layer_s = max(layer_s, 0.0)
-            if inverse < 1:
-                return _solve_layer(a, b), 1.0
-    inverse = max(1.0, float(a[:, 1] @ (b - a[:, 0] * layer_s) / (a[:, 1] @ a[:, 1])))
-    return float(layer_s), 1 / inverse
-
-
-def _solve_layer(a: np.ndarray, b: np.ndarray) -> float:
-    """layer_s with efficiency pinned at 1 (bytes at the full bandwidth)."""
-    return max(0.0, float(a[:, 0] @ (b - a[:, 1]) / (a[:, 0] @ a[:, 0])))
+        x = _bounded_lstsq(a, b, np.array([0.0] + [1.0] * len(stacks)))
+    else:
+        x = np.concatenate([[layer_s], _bounded_lstsq(a[:, 1:], b - a[:, 0] * layer_s, np.ones(len(stacks)))])
+    return float(x[0]), {s: 1 / float(inverse) for s, inverse in zip(stacks, x[1:])}
 
 
 def _separable(points: list[PublishedPoint]) -> bool:
@@ -163,6 +182,12 @@ class ClassFit:
     layer_s: float
     points: int
     layer_from: str
+    stacks: tuple[tuple[str, float], ...] = ()  # (stack, efficiency) of the class's other software stacks
+
+    @property
+    def efficiencies(self) -> dict[str, float]:
+        """Stack -> efficiency, the class's own stack ("") included."""
+        return {OWN_STACK: self.efficiency, **dict(self.stacks)}
 
 
 def _points(engine: str) -> list[PublishedPoint]:
@@ -185,24 +210,30 @@ def class_fit(engine: str) -> ClassFit:
     """The class's fit (see module doc)."""
     points = _points(engine)
     if _separable(points):
-        layer_s, efficiency = _solve(points, None)
-        return ClassFit(engine, efficiency, layer_s, len(points), "fitted")
-    layer_s, sources = borrowed_layer_s()
-    _, efficiency = _solve(points, layer_s)
-    return ClassFit(engine, efficiency, layer_s, len(points),
-                    f"borrowed: median of the classes that fit one ({sources}); {engine}'s points do not separate "
-                    "it from the efficiency")
+        layer_s, efficiencies = _solve(points, None)
+        how = "fitted"
+    else:
+        layer_s, sources = borrowed_layer_s()
+        _, efficiencies = _solve(points, layer_s)
+        how = (f"borrowed: median of the classes that fit one ({sources}); {engine}'s points do not separate it "
+               "from the efficiency")
+    if OWN_STACK not in efficiencies:
+        raise EstimateError(f"engine class '{engine}' has no calibration point of its own stack "
+                            "in devices/calibration.py")
+    others = tuple((s, e) for s, e in efficiencies.items() if s != OWN_STACK)
+    return ClassFit(engine, efficiencies[OWN_STACK], layer_s, len(points), how, others)
 
 
-def point_efficiency(point: PublishedPoint, efficiency: float) -> float:
-    """The class's efficiency, or 1 for a point whose bandwidth was measured (an achieved rate)."""
-    return 1.0 if point.bandwidth_gb_s else efficiency
+def point_efficiency(point: PublishedPoint, efficiencies: dict[str, float]) -> float:
+    """The efficiency of the point's stack (with no fitted point of its stack: the class's own), or
+    1 for a point whose bandwidth was measured (an achieved rate)."""
+    return 1.0 if point.bandwidth_gb_s else efficiencies.get(point.stack, efficiencies[OWN_STACK])
 
 
 def decode_estimate_s(point: PublishedPoint) -> float:
     fit = class_fit(point.engine)
-    return step_s(point_workload(point), point.decode_context, fit.layer_s, point_efficiency(point, fit.efficiency),
-                  point_bandwidth(point))
+    return step_s(point_workload(point), point.decode_context, fit.layer_s,
+                  point_efficiency(point, fit.efficiencies), point_bandwidth(point))
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -277,13 +308,13 @@ def point_estimate_ttft_s(point: PublishedPoint) -> float:
     fit, work, bandwidth = class_fit(point.engine), point_workload(point), point_bandwidth(point)
     rate = prefill_rate_s(prefill_fit(point.engine, point.compute), bandwidth,
                           get_profile(point.device).peak_flops(point.compute))
-    weight_pass = step_s(work, point.prompt_tokens, 0.0, point_efficiency(point, fit.efficiency), bandwidth)
+    weight_pass = step_s(work, point.prompt_tokens, 0.0, point_efficiency(point, fit.efficiencies), bandwidth)
     return ttft_s(work, point.prompt_tokens, rate, fit.layer_s, weight_pass)
 
 
 # ---- residuals and ranges -------------------------------------------------------------------------
-def _fit_without(points: list[PublishedPoint], left_out: PublishedPoint) -> tuple[float, float]:
-    """(layer_s, efficiency) of a class fitted without one of its points."""
+def _fit_without(points: list[PublishedPoint], left_out: PublishedPoint) -> tuple[float, dict[str, float]]:
+    """(layer_s, {stack: efficiency}) of a class fitted without one of its points."""
     rest = [p for p in points if p is not left_out]
     return _solve(rest, None if _separable(rest) else borrowed_layer_s()[0])
 
@@ -292,7 +323,8 @@ def _fit_without(points: list[PublishedPoint], left_out: PublishedPoint) -> tupl
 def decode_fits(engine: str) -> tuple[tuple[float, float], ...]:
     """(layer_s, efficiency) of the class's fit and of each of its leave-one-out fits."""
     fit, points = class_fit(engine), calibration_points(engine, "decode")
-    return ((fit.layer_s, fit.efficiency), *(_fit_without(points, p) for p in points if len(points) > 1))
+    loo = (_fit_without(points, p) for p in points if len(points) > 1)
+    return ((fit.layer_s, fit.efficiency), *((layer_s, e[OWN_STACK]) for layer_s, e in loo))
 
 
 @functools.cache
@@ -344,8 +376,8 @@ def loo_decode_residuals() -> list[float]:
     for engine in ENGINE_CLASSES:
         points = calibration_points(engine, "decode")
         for p in points if len(points) > 1 else ():
-            layer_s, efficiency = _fit_without(points, p)
-            t = step_s(point_workload(p), p.decode_context, layer_s, point_efficiency(p, efficiency),
+            layer_s, efficiencies = _fit_without(points, p)
+            t = step_s(point_workload(p), p.decode_context, layer_s, point_efficiency(p, efficiencies),
                        point_bandwidth(p))
             residuals.append(math.log(p.decode_tok_s * t))
     return residuals

@@ -24,6 +24,7 @@ def describe(source) -> dict:
         "tied_embeddings": spec.tied_embeddings,
         "rope_theta": spec.rope_theta,
         "rope_scaling": spec.rope_scaling,
+        "rotary_dim": spec.rotary_dim,
         "max_position_embeddings": spec.max_position_embeddings,
         "dtype": ckpt.dtype,
         "bytes_on_disk": ckpt.bytes_on_disk,
@@ -41,9 +42,21 @@ def render_description(info: dict) -> str:
         f"  parameters        {info['parameters']:,} ({info['dtype']}, {info['bytes_on_disk'] / mb:,.1f} MiB on disk)",
         f"  layers            {info['num_layers']}, hidden {info['hidden_size']}, intermediate {info['intermediate_size']}",
         f"  attention         {info['num_heads']} heads / {info['num_kv_heads']} KV heads, head_dim {info['head_dim']}",
+        f"  rope              {_rope_line(info)}",
         f"  vocab             {info['vocab_size']:,}{' (tied embeddings)' if info['tied_embeddings'] else ''}",
         f"  chat template     {'yes' if info['chat_template'] else 'no'}",
         f"  KV cache (fp16)   {info['kv_bytes_per_token'] / 1024:,.1f} KiB per token",
         "  export weights    " + ", ".join(f"{p} {b / mb:,.1f} MiB" for p, b in info["weight_bytes"].items()),
     ]
     return "\n".join(lines)
+
+
+def _rope_line(info: dict) -> str:
+    """theta, scaling type and its original context, and the rotated share of a head."""
+    scaling = info["rope_scaling"] or {}
+    kind = scaling.get("rope_type", "default")
+    original = scaling.get("original_max_position_embeddings")
+    parts = [f"theta {info['rope_theta']:g}", kind + (f" (original context {original:,})" if original else "")]
+    if info["rotary_dim"] != info["head_dim"]:
+        parts.append(f"{info['rotary_dim']} of {info['head_dim']} channels rotate")
+    return ", ".join(parts)

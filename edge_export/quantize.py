@@ -19,8 +19,8 @@ from quantizers import QuantizedTensor, Rules, Stats
 from quantizers.awq import awq_quantize_shared, awq_search_shared
 
 from runtimes import rope
-from runtimes.models import LAYER_TENSORS
-from runtimes.reference import LayerWeights, layer_forward, layer_keys, rms_norm
+from runtimes.models import LAYER_TENSORS, ModelSpec, describe, layer_keys
+from runtimes.reference import LayerWeights, layer_forward, rms_norm
 
 from .errors import ExportError
 
@@ -90,8 +90,7 @@ class QuantizedWeights:
             used = np.unique(np.concatenate([np.asarray(ids) for ids in calibration]))
             rows = checkpoint.tensor(self.spec.tensor_name("embed"), rows=used)
             self._hidden = [rows[np.searchsorted(used, ids)] for ids in calibration]
-            self._tables = [rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling,
-                                         np.arange(len(ids))) for ids in calibration]
+            self._tables = [rope.Rope.for_spec(self.spec).tables(np.arange(len(ids))) for ids in calibration]
 
     # ---- public ------------------------------------------------------------------------
     def get(self, name: str):
@@ -217,13 +216,13 @@ class QuantizedWeights:
         out: dict[str, object] = {}
         if self.method == "awq":
             out = self._awq_layer(i, lw, stats, names)
-        for key in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        linears = describe(self.spec).linears()
+        for key in linears:
             if names[key] not in out:
                 out[names[key]] = self._linear(names[key], lw[key] if lw else None, stats, key)
-        for key in ("attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm"):
-            name = names[key]
-            if name in self.spec.tensor_shapes() and name not in out:
-                out[name] = self._single(name)
+        for key in layer_keys(self.spec):  # norms and biases: the layer's other tensors
+            if key not in linears and names[key] not in out:
+                out[names[key]] = self._single(names[key])
         self._ready.update(out)
         if self._hidden is not None:
             self._advance(i, out, names)
@@ -263,7 +262,7 @@ class QuantizedWeights:
             widths = {"qkv": self.spec.hidden_size, "o": self.spec.num_heads * self.spec.head_dim,
                       "gate_up": self.spec.hidden_size, "down": self.spec.intermediate_size}
             stats = {p: Stats(k, keep_xtx=keep_xtx) for p, k in widths.items()}
-        kv = quantizers.KVRange(self.spec.num_kv_heads, self.spec.head_dim) if self._kv is not None else None
+        kv = _kv_range(self.spec) if self._kv is not None else None
         keys = []
 
         def observer(layer, point, x):
@@ -312,7 +311,7 @@ class QuantizedWeights:
             self.records[names[key]] = TensorRecord(qt.scheme, "quantized")
         out[names["attn_norm"]], out[names["mlp_norm"]] = attn_norm, mlp_norm
         self.records[names["attn_norm"]] = self.records[names["mlp_norm"]] = TensorRecord(None, "float (AWQ-folded)")
-        if spec.attention_bias:
+        if describe(spec).attention.bias:
             out[names["v_bias"]] = lw["v_bias"] / s_v
             self.records[names["v_bias"]] = TensorRecord(None, "float (AWQ-folded)")
         return out
@@ -380,3 +379,10 @@ def _rows(qt: QuantizedTensor, rows: slice) -> QuantizedTensor:
 
 def _carry_kind(qt: QuantizedTensor) -> str:
     return "decomposed" if qt.residual is not None else "carried"
+
+
+def _kv_range(spec: ModelSpec) -> quantizers.KVRange:
+    """One layer's KV ranges: keys rotate over the spec's rotary width, their cos/sin scaled by the
+    rope's attention factor (YaRN, LongRoPE; the same for LongRoPE's short and long factors)."""
+    gain = rope.inv_freq(spec.rotary_dim, spec.rope_theta, spec.rope_scaling)[1]
+    return quantizers.KVRange(spec.num_kv_heads, spec.head_dim, rotary_dim=spec.rotary_dim, rotary_gain=gain)

@@ -135,7 +135,7 @@ class LayerMajorScorer:
         return self.rows(self.spec.tensor_name("embed"), used)[where]
 
     def _tables(self, lengths: list[int], starts: list[int]) -> list:
-        return [rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling, np.arange(s, s + n))
+        return [rope.Rope.for_spec(self.spec).tables(np.arange(s, s + n))
                 for n, s in zip(lengths, starts)]
 
     def _run(self, chunks: list[np.ndarray], caches: list[KVCache] | None, starts: list[int]) -> list[np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import rope
 from .errors import ContextOverflowError
-from .models import ModelSpec
+from .models import ModelSpec, describe, layer_keys
 
 WeightsFn = Callable[[str], np.ndarray]
 # observer(layer, point, x): point is where a linear layer's input is seen:
@@ -28,16 +28,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
-
-
-def layer_keys(spec: ModelSpec) -> list[str]:
-    """The short names (LAYER_TENSORS keys) of the tensors one decoder layer of ``spec`` has."""
-    keys = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj"]
-    if spec.attention_bias:
-        keys += ["q_bias", "k_bias", "v_bias"]
-    if spec.qk_norm:
-        keys += ["q_norm", "k_norm"]
-    return keys
 
 
 class LayerWeights(dict):
@@ -62,9 +52,10 @@ class KVCache:
 
 def project_qkv(spec: ModelSpec, lw: LayerWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """q [T, heads*hd], k and v [T, kv_heads*hd] for normalized input x [T, hidden]."""
-    q, k, v = x @ lw["q_proj"].T, x @ lw["k_proj"].T, x @ lw["v_proj"].T
-    if spec.attention_bias:
-        q, k, v = q + lw["q_bias"], k + lw["k_bias"], v + lw["v_bias"]
+    a = describe(spec).attention
+    q, k, v = x @ lw[a.q].T, x @ lw[a.k].T, x @ lw[a.v].T
+    if a.bias:
+        q, k, v = q + lw[a.bias[0]], k + lw[a.bias[1]], v + lw[a.bias[2]]
     return q, k, v
 
 
@@ -74,13 +65,15 @@ def attend(spec: ModelSpec, lw: LayerWeights, q: np.ndarray, k: np.ndarray, v: n
     """Causal GQA of one sequence's projections at positions start.. ; fills the cache if given.
     Returns the attention output [T, heads*hd] (o_proj's input). The observer sees the keys
     before rotary ("k") and the values ("v"), [kv_heads, T, hd] each: what a KV cache holds."""
-    t, hd = q.shape[0], spec.head_dim
-    q = q.reshape(t, spec.num_heads, hd).transpose(1, 0, 2)
-    k = k.reshape(t, spec.num_kv_heads, hd).transpose(1, 0, 2)
-    v = v.reshape(t, spec.num_kv_heads, hd).transpose(1, 0, 2)
-    if spec.qk_norm:
-        q = rms_norm(q, lw["q_norm"], spec.rms_norm_eps)
-        k = rms_norm(k, lw["k_norm"], spec.rms_norm_eps)
+    a = describe(spec).attention
+    t, hd = q.shape[0], a.head_dim
+    q = q.reshape(t, a.heads, hd).transpose(1, 0, 2)
+    k = k.reshape(t, a.kv_heads, hd).transpose(1, 0, 2)
+    v = v.reshape(t, a.kv_heads, hd).transpose(1, 0, 2)
+    if a.head_norm:
+        q_norm, k_norm = a.head_norm
+        q = rms_norm(q, lw[q_norm.weight], q_norm.eps)
+        k = rms_norm(k, lw[k_norm.weight], k_norm.eps)
     if observer:
         observer(layer, "k", k)
         observer(layer, "v", v)
@@ -90,17 +83,16 @@ def attend(spec: ModelSpec, lw: LayerWeights, q: np.ndarray, k: np.ndarray, v: n
         v_cache[:, start:start + t] = v
         k, v = k_cache[:, :start + t], v_cache[:, :start + t]
     s = k.shape[1]
-    group = spec.num_heads // spec.num_kv_heads
-    qg = q.reshape(spec.num_kv_heads, group * t, hd)
-    scores = (qg @ k.transpose(0, 2, 1)).reshape(spec.num_kv_heads, group, t, s) / np.sqrt(hd)
+    qg = q.reshape(a.kv_heads, a.group * t, hd)
+    scores = (qg @ k.transpose(0, 2, 1)).reshape(a.kv_heads, a.group, t, s) / np.sqrt(hd)
     # causal: query i (absolute start+i) sees keys 0..start+i
     mask = np.arange(s)[None, :] > (start + np.arange(t))[:, None]
     scores = np.where(mask, -np.inf, scores)
     scores = scores - scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    out = (probs.reshape(spec.num_kv_heads, group * t, s) @ v).reshape(spec.num_heads, t, hd)
-    return out.transpose(1, 0, 2).reshape(t, spec.num_heads * hd)
+    out = (probs.reshape(a.kv_heads, a.group * t, s) @ v).reshape(a.heads, t, hd)
+    return out.transpose(1, 0, 2).reshape(t, a.heads * hd)
 
 
 def attention(spec: ModelSpec, lw: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
@@ -110,42 +102,50 @@ def attention(spec: ModelSpec, lw: LayerWeights, x: np.ndarray, cos: np.ndarray,
     out = attend(spec, lw, *project_qkv(spec, lw, x), cos, sin, k_cache, v_cache, start, observer, layer)
     if observer:
         observer(layer, "o", out)
-    return out @ lw["o_proj"].T
+    return out @ lw[describe(spec).attention.o].T
 
 
-def mlp(lw: LayerWeights, x: np.ndarray, observer: Observer | None = None, layer: int = 0) -> np.ndarray:
-    hidden = silu(x @ lw["gate_proj"].T) * (x @ lw["up_proj"].T)
+def mlp(spec: ModelSpec, lw: LayerWeights, x: np.ndarray, observer: Observer | None = None,
+        layer: int = 0) -> np.ndarray:
+    m = describe(spec).mlp
+    hidden = silu(x @ lw[m.gate].T) * (x @ lw[m.up].T)
     if observer:
         observer(layer, "down", hidden)
-    return hidden @ lw["down_proj"].T
+    return hidden @ lw[m.down].T
+
+
+def norm(lw: LayerWeights, step, x: np.ndarray) -> np.ndarray:
+    """An RmsNorm step of the description on x."""
+    return rms_norm(x, lw[step.weight], step.eps)
 
 
 def layer_forward(spec: ModelSpec, lw: LayerWeights, h: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                   cache: KVCache | None = None, layer: int = 0, start: int = 0,
                   observer: Observer | None = None) -> np.ndarray:
     """One decoder layer on hidden states h [T, hidden]; returns the new hidden states."""
-    x = rms_norm(h, lw["attn_norm"], spec.rms_norm_eps)
+    steps = describe(spec)
+    x = norm(lw, steps.attn_norm, h)
     if observer:
         observer(layer, "qkv", x)
     kc, vc = (cache.k[layer], cache.v[layer]) if cache is not None else (None, None)
     h = h + attention(spec, lw, x, cos, sin, kc, vc, start, observer, layer)
-    x = rms_norm(h, lw["mlp_norm"], spec.rms_norm_eps)
+    x = norm(lw, steps.mlp_norm, h)
     if observer:
         observer(layer, "gate_up", x)
-    return h + mlp(lw, x, observer, layer)
+    return h + mlp(spec, lw, x, observer, layer)
 
 
 def decode_step_batched(spec: ModelSpec, lw: LayerWeights, h: np.ndarray, tables: list, caches: list,
                         layer: int, starts: list[int]) -> np.ndarray:
     """One new token for each of B sequences through one layer: h [B, hidden]. The linear layers
     run once on all B rows (the weights are read once); attention runs per sequence."""
-    x = rms_norm(h, lw["attn_norm"], spec.rms_norm_eps)
-    q, k, v = project_qkv(spec, lw, x)
+    steps = describe(spec)
+    q, k, v = project_qkv(spec, lw, norm(lw, steps.attn_norm, h))
     out = np.concatenate([
         attend(spec, lw, q[j:j + 1], k[j:j + 1], v[j:j + 1], cos, sin, c.k[layer], c.v[layer], start)
         for j, ((cos, sin), c, start) in enumerate(zip(tables, caches, starts))])
-    h = h + out @ lw["o_proj"].T
-    return h + mlp(lw, rms_norm(h, lw["mlp_norm"], spec.rms_norm_eps))
+    h = h + out @ lw[steps.attention.o].T
+    return h + mlp(spec, lw, norm(lw, steps.mlp_norm, h))
 
 
 class ReferenceDecoder:
@@ -201,8 +201,7 @@ class ReferenceDecoder:
             raise ContextOverflowError(
                 f"{start + t} tokens do not fit the context of {self.max_context}; shorten the prompt "
                 "or raise max_context")
-        cos, sin = rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling,
-                                np.arange(start, start + t))
+        cos, sin = rope.Rope.for_spec(self.spec).tables(np.arange(start, start + t))
         h = self.embed(ids)
         for i in range(self.spec.num_layers):
             h = layer_forward(self.spec, self.layer(i), h, cos, sin, self.cache, i, start, observer)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_export.fixtures import _write_weights, byte_level_tokenizer
+from edge_export.fixtures import _write_weights, byte_level_tokenizer, tiny_init_std
 from edge_export.presets import preset_spec
 from runtimes.generate import Generator, Result
 from runtimes.models import get_architecture
@@ -19,16 +19,17 @@ from .skip_policy import (pytest_collectreport, pytest_runtest_logreport, pytest
                           pytest_terminal_summary)
 
 ARCH_PRESETS = {"LlamaForCausalLM": "r1-distill-llama-8b", "Qwen2ForCausalLM": "r1-distill-qwen-1.5b",
-                "Qwen3ForCausalLM": "r1-0528-qwen3-8b"}
+                "Qwen3ForCausalLM": "r1-0528-qwen3-8b", "Phi3ForCausalLM": "phi-4-mini-reasoning"}
 SMALL_VOCAB = 512
 
 
-def small_vocab_checkpoint(preset: str, folder: Path, seed: int = 0, std: float = 0.08) -> Path:
-    """The preset's tiny structure with a 512-token byte-level tokenizer: fast for numeric tests."""
+def small_vocab_checkpoint(preset: str, folder: Path, seed: int = 0, std: float | None = None) -> Path:
+    """The preset's tiny structure with a 512-token byte-level tokenizer: fast for numeric tests.
+    ``std`` defaults to the tiny fixtures' width-scaled init (``tiny_init_std``)."""
     spec = dataclasses.replace(preset_spec(preset, "tiny"), vocab_size=SMALL_VOCAB,
                                bos_token_id=SMALL_VOCAB - 6, eos_token_ids=(SMALL_VOCAB - 5,))
     folder.mkdir(parents=True, exist_ok=True)
-    _write_weights(spec, folder, np.random.default_rng(seed), std)
+    _write_weights(spec, folder, np.random.default_rng(seed), tiny_init_std(spec) if std is None else std)
     config = get_architecture(spec.architecture).config_from_spec(spec)
     (folder / "config.json").write_text(json.dumps(config))
     write_small_tokenizer(folder)

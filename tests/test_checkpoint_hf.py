@@ -39,7 +39,8 @@ def test_unknown_architecture(tiny_llama, tmp_path):
     cfg["architectures"] = ["MambaForCausalLM"]
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedArchitectureError,
-                       match="'MambaForCausalLM' is not supported .*LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                       match="'MambaForCausalLM' is not supported .*LlamaForCausalLM, Phi3ForCausalLM, "
+                             "Qwen2ForCausalLM, Qwen3ForCausalLM"):
         open_checkpoint(d)
 
 

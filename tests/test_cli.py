@@ -37,6 +37,7 @@ def test_inspect_json(tiny_llama):
 def test_inspect_human(tiny_llama):
     out = run("inspect", str(tiny_llama))
     assert "LlamaForCausalLM" in out.output and "KV cache (fp16)" in out.output
+    assert "rope              theta 500000, llama3 (original context 8,192)\n" in out.output
 
 
 def test_errors_are_one_line_exit_2(tmp_path):

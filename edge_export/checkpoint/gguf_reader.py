@@ -19,6 +19,7 @@ import numpy as np
 
 from runtimes import rope
 from runtimes.models import GLOBAL_TENSORS, LAYER_TENSORS, ModelSpec, get_architecture
+from runtimes.models.decoder import GGUF_GLOBAL_TENSORS, GGUF_LAYER_TENSORS
 from runtimes.tokenizer import ChatTokenizer
 
 from ..errors import CheckpointError, ConfigError, UnsupportedArchitectureError
@@ -31,17 +32,6 @@ from .gguf_tokenizer import tokenizer_from_gguf, tokenizer_from_metadata
 
 log = logging.getLogger(__name__)
 
-# The GGUF name of each tensor in the shared table (gguf-py's TensorNameMap, for these families).
-GGUF_LAYER_TENSORS = {
-    "attn_norm": "blk.{bid}.attn_norm.weight", "q_proj": "blk.{bid}.attn_q.weight",
-    "k_proj": "blk.{bid}.attn_k.weight", "v_proj": "blk.{bid}.attn_v.weight",
-    "o_proj": "blk.{bid}.attn_output.weight", "q_bias": "blk.{bid}.attn_q.bias", "k_bias": "blk.{bid}.attn_k.bias",
-    "v_bias": "blk.{bid}.attn_v.bias", "q_norm": "blk.{bid}.attn_q_norm.weight",
-    "k_norm": "blk.{bid}.attn_k_norm.weight", "mlp_norm": "blk.{bid}.ffn_norm.weight",
-    "gate_proj": "blk.{bid}.ffn_gate.weight", "up_proj": "blk.{bid}.ffn_up.weight",
-    "down_proj": "blk.{bid}.ffn_down.weight",
-}
-GGUF_GLOBAL_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, stored as per-frequency divisors
 
 

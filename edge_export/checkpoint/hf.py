@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.models import spec_from_config
+from runtimes.models import get_architecture, spec_from_config
 from runtimes.tokenizer import ChatTokenizer
 
 from ..errors import CheckpointError
@@ -42,10 +42,16 @@ class HFCheckpoint(Checkpoint):
         spec = spec_from_config(config, str(config_path))
         self.files = self._open_weights(folder)
         self.where = {name: f for f in self.files for name in f.keys()}
+        # tensors the family stores fused (Phi-3's qkv_proj, gate_up_proj): name -> (fused, rows)
+        self.views = get_architecture(spec.architecture).sanitize(spec, self.where)
         spec = dataclasses.replace(spec, generation=generation_defaults(folder),
                                    torch_dtype=self._main_dtype(spec))
         super().__init__(folder, spec, read_tokenizer(folder))
-        self.check_shapes({n: f.info(n)[1] for n, f in self.where.items()}, str(folder))
+        found = {n: f.info(n)[1] for n, f in self.where.items()}
+        for name, (fused, start, stop) in self.views.items():
+            if fused in found and stop <= found[fused][0]:
+                found[name] = (stop - start, *found[fused][1:])
+        self.check_shapes(found, str(folder))
 
     def _open_weights(self, folder: Path) -> list[SafetensorsFile]:
         index = folder / "model.safetensors.index.json"
@@ -76,6 +82,7 @@ class HFCheckpoint(Checkpoint):
 
     def _main_dtype(self, spec) -> str:
         name = spec.tensor_name("q_proj", 0)
+        name = self.views[name][0] if name in self.views else name
         dtype = self.where[name].info(name)[0] if name in self.where else "F32"
         return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(dtype, dtype.lower())
 
@@ -83,6 +90,10 @@ class HFCheckpoint(Checkpoint):
         return self._read_rows(name, None)
 
     def _read_rows(self, name: str, rows: slice | None) -> np.ndarray:
+        if name in self.views:
+            fused, start, stop = self.views[name]
+            rows = slice(start, stop) if rows is None else np.arange(start, stop)[rows]
+            return self.where[fused].tensor(fused, rows)
         if name not in self.where:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
         return self.where[name].tensor(name, rows)
@@ -90,6 +101,7 @@ class HFCheckpoint(Checkpoint):
     def stored_dtype(self, name: str) -> str:
         if name == self.spec.tensor_name("lm_head") and self.spec.tied_embeddings:
             name = self.spec.tensor_name("embed")
+        name = self.views[name][0] if name in self.views else name
         return self.where[name].info(name)[0]
 
     @property

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from runtimes import rope
 from runtimes.backends.coreml import causal_mask
-from runtimes.reference import layer_keys
+from runtimes.models import describe, layer_keys
 
 from ..verify import RuntimeScorer, log_softmax
 
@@ -42,33 +42,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, HF's rotate_half convention: x [..., seq, hd], cos/sin [seq, hd/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """Rotary embedding, HF's rotate_half convention over the first 2 * cos.shape[-1] channels
+    (the rest pass through): x [..., seq, hd], cos/sin [seq, rotary_dim/2]."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 class Attention(nn.Module):
+    """The description's attention step (runtimes.models.decoder.Attention) in torch."""
+
     def __init__(self, spec, tensors: dict):
         super().__init__()
-        self.spec = spec
-        bias = spec.attention_bias
-        self.q_proj = _linear(tensors["q_proj"], tensors.get("q_bias") if bias else None)
-        self.k_proj = _linear(tensors["k_proj"], tensors.get("k_bias") if bias else None)
-        self.v_proj = _linear(tensors["v_proj"], tensors.get("v_bias") if bias else None)
-        self.o_proj = _linear(tensors["o_proj"])
-        if spec.qk_norm:
-            self.q_norm, self.k_norm = _param(tensors["q_norm"]), _param(tensors["k_norm"])
+        self.step = a = describe(spec).attention
+        biases = [tensors[key] for key in a.bias] if a.bias else [None] * 3
+        self.q_proj = _linear(tensors[a.q], biases[0])
+        self.k_proj = _linear(tensors[a.k], biases[1])
+        self.v_proj = _linear(tensors[a.v], biases[2])
+        self.o_proj = _linear(tensors[a.o])
+        if a.head_norm:
+            self.q_norm, self.k_norm = (_param(tensors[norm.weight]) for norm in a.head_norm)
 
     def forward(self, x, cos, sin, mask, key_cache, value_cache, layer: int, past, end):
-        spec, seq = self.spec, x.shape[1]
-        heads, kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        a, seq = self.step, x.shape[1]
+        heads, kv, hd = a.heads, a.kv_heads, a.head_dim
         q = self.q_proj(x).view(1, seq, heads, hd).transpose(1, 2)  # [1, heads, seq, hd]
         k = self.k_proj(x).view(1, seq, kv, hd).transpose(1, 2)
         v = self.v_proj(x).view(1, seq, kv, hd).transpose(1, 2)
-        if spec.qk_norm:
-            q = rms_norm(q, self.q_norm, spec.rms_norm_eps)
-            k = rms_norm(k, self.k_norm, spec.rms_norm_eps)
+        if a.head_norm:
+            q = rms_norm(q, self.q_norm, a.head_norm[0].eps)
+            k = rms_norm(k, self.k_norm, a.head_norm[1].eps)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         # in place: coremltools turns these slice assignments into Core ML state updates
         key_cache[layer:layer + 1, :, :, past:end] = k.to(key_cache.dtype).unsqueeze(0)
@@ -84,19 +87,22 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """The description's layer (runtimes.models.decoder.DecoderLayer) in torch."""
+
     def __init__(self, spec, tensors: dict):
         super().__init__()
-        self.eps = spec.rms_norm_eps
-        self.input_layernorm = _param(tensors["attn_norm"])
-        self.post_attention_layernorm = _param(tensors["mlp_norm"])
+        self.steps = steps = describe(spec)
+        self.input_layernorm = _param(tensors[steps.attn_norm.weight])
+        self.post_attention_layernorm = _param(tensors[steps.mlp_norm.weight])
         self.self_attn = Attention(spec, tensors)
-        self.gate_proj, self.up_proj = _linear(tensors["gate_proj"]), _linear(tensors["up_proj"])
-        self.down_proj = _linear(tensors["down_proj"])
+        m = steps.mlp
+        self.gate_proj, self.up_proj = _linear(tensors[m.gate]), _linear(tensors[m.up])
+        self.down_proj = _linear(tensors[m.down])
 
     def forward(self, h, cos, sin, mask, key_cache, value_cache, layer: int, past, end):
-        x = rms_norm(h, self.input_layernorm, self.eps)
+        x = rms_norm(h, self.input_layernorm, self.steps.attn_norm.eps)
         h = h + self.self_attn(x, cos, sin, mask, key_cache, value_cache, layer, past, end)
-        x = rms_norm(h, self.post_attention_layernorm, self.eps)
+        x = rms_norm(h, self.post_attention_layernorm, self.steps.mlp_norm.eps)
         return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -117,9 +123,13 @@ class CoreMLDecoder(nn.Module):
         cache = (spec.num_layers, 1, spec.num_kv_heads, max_context, spec.head_dim)
         self.register_buffer(KEY_CACHE, torch.zeros(cache, dtype=kv_dtype))
         self.register_buffer(VALUE_CACHE, torch.zeros(cache, dtype=kv_dtype))
-        cos, sin = rope.cos_sin(spec.head_dim, spec.rope_theta, spec.rope_scaling, np.arange(max_context))
-        self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
-        self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
+        r = rope.Rope.for_spec(spec)
+        self.long_from = r.switch  # LongRoPE: a sequence longer than this rotates with the long factors
+        tables = [r.table(np.arange(max_context))] + ([r.table(np.arange(max_context), long=True)]
+                                                      if r.switch is not None else [])
+        # [1 or 2, max_context, rotary_dim/2]: the short (or only) set, then LongRoPE's long one
+        self.register_buffer("rope_cos", torch.from_numpy(np.stack([t[0] for t in tables])), persistent=False)
+        self.register_buffer("rope_sin", torch.from_numpy(np.stack([t[1] for t in tables])), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         """What Core ML runs: logits [1, 1, vocab] of the last position."""
@@ -130,13 +140,23 @@ class CoreMLDecoder(nn.Module):
         seq, end = input_ids.shape[1], causal_mask.shape[-1]
         past = end - seq
         h = F.embedding(input_ids, self.embed_tokens)  # [1, seq, hidden]
-        cos, sin = self.rope_cos[past:end], self.rope_sin[past:end]
+        cos, sin = self._rope_rows(causal_mask, past, end)
         mask = causal_mask.to(h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, self.key_cache, self.value_cache, i, past, end)
         h = rms_norm(h if all_positions else h[:, -1:], self.norm, self.spec.rms_norm_eps)
         head = self.embed_tokens if self.spec.tied_embeddings else self.lm_head
         return F.linear(h, head)
+
+    def _rope_rows(self, causal_mask: torch.Tensor, past, end) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows past..end-1; with LongRoPE the long set when the sequence (``end``, the
+        mask's width, as a tensor so a trace keeps it) is longer than the original context."""
+        if self.long_from is None:
+            return self.rope_cos[0, past:end], self.rope_sin[0, past:end]
+        width = torch.ones_like(causal_mask[0, 0, 0]).sum()
+        long = (width > self.long_from).to(self.rope_cos.dtype)
+        pick = lambda t: t[0, past:end] * (1 - long) + t[1, past:end] * long  # noqa: E731
+        return pick(self.rope_cos), pick(self.rope_sin)
 
     def linear_weights(self) -> dict[str, torch.Tensor]:
         """HF tensor name -> the parameter the module computes with (every tensor of the spec)."""
@@ -146,14 +166,15 @@ class CoreMLDecoder(nn.Module):
             out[spec.tensor_name("lm_head")] = self.lm_head
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            params = {"attn_norm": layer.input_layernorm, "mlp_norm": layer.post_attention_layernorm,
-                      "q_proj": attn.q_proj.weight, "k_proj": attn.k_proj.weight, "v_proj": attn.v_proj.weight,
-                      "o_proj": attn.o_proj.weight, "gate_proj": layer.gate_proj.weight,
-                      "up_proj": layer.up_proj.weight, "down_proj": layer.down_proj.weight}
-            if spec.attention_bias:
-                params.update(q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, v_bias=attn.v_proj.bias)
-            if spec.qk_norm:
-                params.update(q_norm=attn.q_norm, k_norm=attn.k_norm)
+            steps, a = layer.steps, attn.step
+            params = {steps.attn_norm.weight: layer.input_layernorm, steps.mlp_norm.weight: layer.post_attention_layernorm,
+                      a.q: attn.q_proj.weight, a.k: attn.k_proj.weight, a.v: attn.v_proj.weight,
+                      a.o: attn.o_proj.weight, steps.mlp.gate: layer.gate_proj.weight,
+                      steps.mlp.up: layer.up_proj.weight, steps.mlp.down: layer.down_proj.weight}
+            if a.bias:
+                params.update(zip(a.bias, (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)))
+            if a.head_norm:
+                params.update(zip((norm.weight for norm in a.head_norm), (attn.q_norm, attn.k_norm)))
             out.update({spec.tensor_name(k, i): p for k, p in params.items()})
         return out
 
@@ -198,7 +219,8 @@ class TorchModuleBackend:
 class TorchModuleScorer(RuntimeScorer):
     """The converted module as the candidate of verify.compare (teacher-forced log-probs, greedy).
 
-    Teacher forcing runs a prompt and its continuation as one forward. Greedy decoding then reuses
+    Teacher forcing runs a prompt and its continuation as one forward (two where LongRoPE switches
+    factors inside the continuation, see :meth:`_forwards`). Greedy decoding then reuses
     those argmaxes: until the first position where the module's argmax leaves the reference's
     continuation, its own greedy run has the very same context, so it picks the same tokens; it
     decodes on from there. (Called in any other order, it decodes everything.)
@@ -214,10 +236,22 @@ class TorchModuleScorer(RuntimeScorer):
         out = []
         for prompt, cont in zip(prompts, continuations):
             self.backend.position = 0
-            logprobs = log_softmax(self.backend.run(list(prompt) + list(cont[:-1]), all_positions=True)[len(prompt) - 1:])
+            sequence = list(prompt) + list(cont[:-1])
+            logits = np.concatenate([self.backend.run(part, all_positions=True)
+                                     for part in self._forwards(len(prompt), sequence)])
+            logprobs = log_softmax(logits[len(prompt) - 1:])
             self._forced[tuple(prompt)] = (list(cont), logprobs.argmax(-1))
             out.append(logprobs)
         return out
+
+    def _forwards(self, prompt_length: int, sequence: list[int]) -> list[list[int]]:
+        """The forwards that compute what prefill + one decode step per token computes. One, but
+        for LongRoPE where the continuation passes the original context: decode steps up to it
+        rotate with the short factors, those after with the long ones, so split there."""
+        switch = self.backend.module.long_from
+        if switch is None or prompt_length > switch or len(sequence) <= switch:
+            return [sequence]
+        return [sequence[:switch], sequence[switch:]]
 
     def greedy(self, prompts, n_new) -> tuple[list[list[int]], None]:
         return [self._greedy(list(p), n_new, self._forced.pop(tuple(p), None)) for p in prompts], None

@@ -17,8 +17,7 @@ import numpy as np
 from onnx import TensorProto
 
 from runtimes import rope
-from runtimes.models import ModelSpec, get_architecture
-from runtimes.reference import layer_keys
+from runtimes.models import ModelSpec, describe, get_architecture, layer_keys
 
 from ..errors import ExportError
 from .onnx_graph import GraphWriter, decoder_io
@@ -52,6 +51,11 @@ def build_ort_decoder(spec: ModelSpec, weights, out_dir: str | Path, *, max_cont
         # onnxruntime's GroupQueryAttention kernels refuse it at run time ("head_size shall be a multiple of 16")
         raise ExportError(f"head_dim={spec.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
                           "needs; export with --variant portable instead")
+    rotary = describe(spec).attention.rotary_dim
+    if rotary % 16:
+        # GroupQueryAttention: "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"
+        raise ExportError(f"the rotary embedding spans {rotary} channels of each head, not a multiple of 16, which "
+                          "onnxruntime's GroupQueryAttention needs; export with --variant portable instead")
     if kv_dtype not in KV_TYPES:
         raise ExportError(f"kv_dtype '{kv_dtype}' is not supported by the ort variant (use {', '.join(KV_TYPES)})")
     if kv_dtype == "int8" and not hasattr(weights, "kv_scales"):
@@ -81,6 +85,7 @@ class _DecoderGraph:
         self.kv_int8 = kv_dtype == "int8"
         self.emit = LinearEmitter(graph, accuracy_level)
         self.shapes = spec.tensor_shapes()
+        self.steps = describe(spec)
         self.tied_head: Linear | None = None
 
     def build(self) -> None:
@@ -109,12 +114,21 @@ class _DecoderGraph:
         self.total_len = g.node("Cast", [width], f"{base}/Gather/Cast", to=TensorProto.INT32)
 
     def _rope_caches(self) -> None:
-        """cos/sin [max_context, head_dim/2] from runtimes.rope (llama3, YaRN scaling and YaRN's
-        attention factor, which multiplies both, included)."""
-        s = self.spec
-        cos, sin = rope.cos_sin(s.head_dim, s.rope_theta, s.rope_scaling, np.arange(self.max_context))
-        self.cos = self.g.weight("cos_cache", cos)
-        self.sin = self.g.weight("sin_cache", sin)
+        """cos/sin [max_context, rotary_dim/2] from runtimes.rope (llama3, YaRN scaling and YaRN's
+        attention factor, which multiplies both, included; GroupQueryAttention rotates the first
+        rotary_dim channels of a head and passes the rest). LongRoPE: both factor sets, and the
+        long one wherever the sequence (total_sequence_length) is past the original context."""
+        g, r = self.g, rope.Rope.for_spec(self.spec)
+        positions = np.arange(self.max_context)
+        self.cos, self.sin = (g.weight(f"{name}_cache", t) for name, t in zip(("cos", "sin"), r.table(positions)))
+        if r.switch is None:
+            return
+        base = "/model/rotary_emb/long"
+        long = g.node("Greater", [self.total_len, g.const(r.switch, np.int32)], f"{base}/Greater")
+        for name, table in zip(("cos", "sin"), r.table(positions, long=True)):
+            short = getattr(self, name)
+            setattr(self, name, g.node("Where", [long, g.weight(f"{name}_cache_long", table), short],
+                                       f"{base}/{name}/Where"))
 
     # ---- weights ---------------------------------------------------------------------
     def _get(self, key: str, layer: int | None = None):
@@ -123,7 +137,7 @@ class _DecoderGraph:
 
     def _layer_weights(self, i: int) -> dict:
         lw = {k: self._get(k, i) for k in layer_keys(self.spec)}
-        for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        for k in self.steps.linears():
             lw[k] = to_linear(lw[k], self.spec.tensor_name(k, i))
         return lw
 
@@ -154,22 +168,24 @@ class _DecoderGraph:
     def _layer(self, i: int, hidden: str, pending: str | None) -> tuple[str, str]:
         """hidden: the residual stream entering layer i; pending: the previous layer's MLP output,
         still to be added to it. Returns the same pair for the next layer."""
-        lw, p = self._layer_weights(i), f"/model/layers.{i}"
-        attn_gamma = self.emit.fold_input_scale(lw["attn_norm"], [lw["q_proj"], lw["k_proj"], lw["v_proj"]])
-        mlp_gamma = self.emit.fold_input_scale(lw["mlp_norm"], [lw["gate_proj"], lw["up_proj"]])
-        x, hidden = self._norm(f"{p}/input_layernorm", attn_gamma, hidden, pending)
+        lw, p, steps = self._layer_weights(i), f"/model/layers.{i}", self.steps
+        a, m = steps.attention, steps.mlp
+        attn_gamma = self.emit.fold_input_scale(lw[steps.attn_norm.weight], [lw[a.q], lw[a.k], lw[a.v]])
+        mlp_gamma = self.emit.fold_input_scale(lw[steps.mlp_norm.weight], [lw[m.gate], lw[m.up]])
+        x, hidden = self._norm(f"{p}/input_layernorm", attn_gamma, hidden, pending, steps.attn_norm.eps)
         attn = self._attention(i, p, lw, x)
         if i == self.spec.num_layers - 1 and not self.all_logits:
             # Only the last position reaches the logits: the last layer's o_proj and MLP run on it alone.
             attn = self._last_position(f"{p}/attn/last_position", attn)
             hidden = self._last_position(f"{p}/residual/last_position", hidden)
-        attn = self.emit.linear(f"{p}/attn/o_proj", attn, lw["o_proj"])
-        x, hidden = self._norm(f"{p}/post_attention_layernorm", mlp_gamma, hidden, attn)
+        attn = self.emit.linear(f"{p}/attn/o_proj", attn, lw[a.o])
+        x, hidden = self._norm(f"{p}/post_attention_layernorm", mlp_gamma, hidden, attn, steps.mlp_norm.eps)
         return hidden, self._mlp(p, lw, x)
 
-    def _norm(self, base: str, gamma: np.ndarray, hidden: str, pending: str | None) -> tuple[str, str]:
+    def _norm(self, base: str, gamma: np.ndarray, hidden: str, pending: str | None,
+              eps: float | None = None) -> tuple[str, str]:
         """RMSNorm of hidden (+ pending): returns (normalized, new residual stream)."""
-        g, eps = self.g, self.spec.rms_norm_eps
+        g, eps = self.g, self.spec.rms_norm_eps if eps is None else eps
         weight = g.weight(base[1:].replace("/", ".") + ".weight", gamma)
         if pending is None:
             return g.node("SimplifiedLayerNormalization", [hidden, weight], f"{base}/SimplifiedLayerNorm",
@@ -185,24 +201,24 @@ class _DecoderGraph:
         return g.node("Slice", [x, g.const([-1]), g.const([INT64_MAX]), g.const([1])], f"{base}/Slice")
 
     def _attention(self, i: int, p: str, lw: dict, x: str) -> str:
-        s, g = self.spec, self.g
-        q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        parts = [lw["q_proj"], lw["k_proj"], lw["v_proj"]]
-        biases = [lw["q_bias"], lw["k_bias"], lw["v_bias"]] if s.attention_bias else [None] * 3
+        s, g, a = self.spec, self.g, self.steps.attention
+        parts = [lw[a.q], lw[a.k], lw[a.v]]
+        biases = [lw[key] for key in a.bias] if a.bias else [None] * 3
         qkv = concat_linears(parts) if FUSE_QKV else None
         if qkv is not None:
-            bias = np.concatenate(biases) if s.attention_bias else None
+            bias = np.concatenate(biases) if a.bias else None
             packed = self.emit.linear(f"{p}/attn/qkv_proj", x, qkv, bias=bias)
             q, k, v = packed, "", ""
-            if s.qk_norm:
-                q, k, v = g.node("Split", [packed, g.const([q_dim, kv_dim, kv_dim])], f"{p}/attn/qkv_proj/Split",
-                                 outputs=3, axis=-1)
+            if a.head_norm:
+                q, k, v = g.node("Split", [packed, g.const([a.q_dim, a.kv_dim, a.kv_dim])],
+                                 f"{p}/attn/qkv_proj/Split", outputs=3, axis=-1)
         else:
             q, k, v = (self.emit.linear(f"{p}/attn/{n}_proj", x, w, bias=b)
                        for n, w, b in zip("qkv", parts, biases))
-        if s.qk_norm:
-            q = self._head_norm(f"{p}/attn/q_norm", q, lw["q_norm"], s.num_heads)
-            k = self._head_norm(f"{p}/attn/k_norm", k, lw["k_norm"], s.num_kv_heads)
+        if a.head_norm:
+            q_norm, k_norm = a.head_norm
+            q = self._head_norm(f"{p}/attn/q_norm", q, lw[q_norm.weight], a.heads, q_norm.eps)
+            k = self._head_norm(f"{p}/attn/k_norm", k, lw[k_norm.weight], a.kv_heads, k_norm.eps)
         name = f"{p}/attn/GroupQueryAttention"
         inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", self.seqlens_k, self.total_len,
                   self.cos, self.sin]
@@ -216,31 +232,32 @@ class _DecoderGraph:
         out, _, _ = g.node(
             "GroupQueryAttention", inputs,
             name, outputs=[f"{name}/output_0", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
-            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-            scale=1.0 / math.sqrt(s.head_dim), **quant)
+            num_heads=a.heads, kv_num_heads=a.kv_heads, do_rotary=1, rotary_interleaved=0,
+            scale=1.0 / math.sqrt(a.head_dim), **quant)
         return out
 
-    def _head_norm(self, base: str, x: str, gamma: np.ndarray, heads: int) -> str:
-        """Qwen3's per-head RMSNorm over head_dim, on x [batch, seq, heads * head_dim]."""
-        g, hd = self.g, self.spec.head_dim
+    def _head_norm(self, base: str, x: str, gamma: np.ndarray, heads: int, eps: float) -> str:
+        """A per-head RMSNorm over head_dim (the head_norm step), on x [batch, seq, heads * head_dim]."""
+        g, hd = self.g, self.steps.attention.head_dim
         split = g.node("Reshape", [x, g.const([0, 0, heads, hd])], f"{base}/Reshape")
         normed = g.node("SimplifiedLayerNormalization", [split, g.weight(base[1:].replace("/", ".") + ".weight", gamma)],
-                        f"{base}/SimplifiedLayerNorm", axis=-1, epsilon=self.spec.rms_norm_eps, stash_type=1)
+                        f"{base}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)
         return g.node("Reshape", [normed, g.const([0, 0, heads * hd])], f"{base}/Reshape_1")
 
     def _mlp(self, p: str, lw: dict, x: str) -> str:
-        g, f = self.g, self.spec.intermediate_size
-        gate_up = concat_linears([lw["gate_proj"], lw["up_proj"]]) if FUSE_GATE_UP else None
+        g, m = self.g, self.steps.mlp
+        f = m.intermediate
+        gate_up = concat_linears([lw[m.gate], lw[m.up]]) if FUSE_GATE_UP else None
         if gate_up is not None:
             both = self.emit.linear(f"{p}/mlp/gate_up_proj", x, gate_up)
             gate, up = g.node("Split", [both, g.const([f, f])], f"{p}/mlp/gate_up_proj/Split", outputs=2, axis=-1)
         else:
-            gate = self.emit.linear(f"{p}/mlp/gate_proj", x, lw["gate_proj"])
-            up = self.emit.linear(f"{p}/mlp/up_proj", x, lw["up_proj"])
+            gate = self.emit.linear(f"{p}/mlp/gate_proj", x, lw[m.gate])
+            up = self.emit.linear(f"{p}/mlp/up_proj", x, lw[m.up])
         # SiLU(x) = x * sigmoid(x) is QuickGelu with alpha 1, one fused kernel.
         act = g.node("QuickGelu", [gate], f"{p}/mlp/act_fn/QuickGelu", domain="com.microsoft", alpha=1.0)
         hidden = g.node("Mul", [act, up], f"{p}/mlp/Mul")
-        return self.emit.linear(f"{p}/mlp/down_proj", hidden, lw["down_proj"])
+        return self.emit.linear(f"{p}/mlp/down_proj", hidden, lw[m.down])
 
 
 def genai_config(spec: ModelSpec, *, max_context: int, eos_ids=None, bos_id: int | None = None,

@@ -26,8 +26,7 @@ from onnx import TensorProto
 from quantizers import QuantizationError
 from quantizers.pack import pack_dequantizelinear
 from runtimes import rope
-from runtimes.models import ModelSpec
-from runtimes.reference import layer_keys
+from runtimes.models import ModelSpec, describe, layer_keys
 
 from ..errors import ExportError
 from .onnx_graph import GraphWriter, decoder_io
@@ -127,13 +126,21 @@ class _PortableGraph:
         positions = g.node("Slice", [positions, start, g.const([INT64_MAX]), g.const([1])], f"{base}/Slice")
         positions = g.node("Max", [positions, g.const(0)], f"{base}/Max")  # padded queries: position 0
 
-        cos, sin = rope.cos_sin(s.head_dim, s.rope_theta, s.rope_scaling, np.arange(self.max_context))
-        # rotate_half(x) * sin == Concat(x2, x1) * Concat(-sin, sin): one table each, full head width.
-        cos_full = np.concatenate([cos, cos], axis=1)
-        sin_signed = np.concatenate([-sin, sin], axis=1)
-        for name, table in (("cos", cos_full), ("sin", sin_signed)):
-            rows = g.node("Gather", [g.weight(f"{name}_cache", table.astype(self.np_float)), positions],
-                          f"{base}/{name}/Gather")
+        # rotate_half(x) * sin == swapped(x) * Concat(-sin, sin): one table each, full head width
+        # (channels past rotary_dim: cos 1, sin 0). LongRoPE: the long tables past the original context.
+        r, hd = rope.Rope.for_spec(s), describe(s).attention.head_dim
+        sets = [(False, "")] + ([(True, "_long")] if r.switch is not None else [])
+        tables = {}
+        for long, suffix in sets:
+            full = rope.full_width(*r.table(np.arange(self.max_context), long=long), hd)
+            for name, table in zip(("cos", "sin"), full):
+                tables.setdefault(name, []).append(g.weight(f"{name}_cache{suffix}", table.astype(self.np_float)))
+        if r.switch is not None:
+            long = g.node("Greater", [total, g.const(r.switch)], f"{base}/long/Greater")
+            tables = {name: [g.node("Where", [long, pair[1], pair[0]], f"{base}/{name}/Where")]
+                      for name, pair in tables.items()}
+        for name, (table,) in tables.items():
+            rows = g.node("Gather", [table, positions], f"{base}/{name}/Gather")
             setattr(self, name, g.node("Unsqueeze", [rows, g.const([1])], f"{base}/{name}/Unsqueeze"))
 
         m = "/model/attn_mask"
@@ -271,21 +278,22 @@ class _PortableGraph:
     # ---- one decoder layer -------------------------------------------------------------
     def _layer(self, i: int, hidden: str) -> str:
         p, lw = f"/model/layers.{i}", {k: self._get(k, i) for k in layer_keys(self.spec)}
-        x = self._rms_norm(f"{p}/input_layernorm", hidden, *lw["attn_norm"])
+        steps = describe(self.spec)
+        x = self._rms_norm(f"{p}/input_layernorm", hidden, *lw[steps.attn_norm.weight], steps.attn_norm.eps)
         attn = self._attention(i, p, lw, x)
         hidden = self.g.node("Add", [hidden, attn], f"{p}/attn/residual/Add")
-        x = self._rms_norm(f"{p}/post_attention_layernorm", hidden, *lw["mlp_norm"])
+        x = self._rms_norm(f"{p}/post_attention_layernorm", hidden, *lw[steps.mlp_norm.weight], steps.mlp_norm.eps)
         return self.g.node("Add", [hidden, self._mlp(p, lw, x)], f"{p}/mlp/residual/Add")
 
-    def _rms_norm(self, base: str, x: str, hf_name: str, gamma: np.ndarray) -> str:
-        g = self.g
+    def _rms_norm(self, base: str, x: str, hf_name: str, gamma: np.ndarray, eps: float | None = None) -> str:
+        g, eps = self.g, self.spec.rms_norm_eps if eps is None else eps
         weight = self._float(base[1:].replace("/", ".") + ".weight", gamma, hf_name)
         if self.half:  # the mean of squares overflows fp16 easily: normalize in float32
             x = g.node("Cast", [x], f"{base}/Cast", to=TensorProto.FLOAT)
             weight = g.node("Cast", [weight], f"{base}/weight/Cast", to=TensorProto.FLOAT)
         square = g.node("Mul", [x, x], f"{base}/Mul")
         mean = g.node("ReduceMean", [square, g.const([-1])], f"{base}/ReduceMean", keepdims=1)
-        root = g.node("Sqrt", [g.node("Add", [mean, g.const(self.spec.rms_norm_eps, np.float32)], f"{base}/Add")],
+        root = g.node("Sqrt", [g.node("Add", [mean, g.const(eps, np.float32)], f"{base}/Add")],
                       f"{base}/Sqrt")
         normed = g.node("Mul", [g.node("Div", [x, root], f"{base}/Div"), weight], f"{base}/Mul_1")
         return g.node("Cast", [normed], f"{base}/Cast_1", to=TensorProto.FLOAT16) if self.half else normed
@@ -297,52 +305,56 @@ class _PortableGraph:
         return g.node("Transpose", [split], f"{base}/Transpose", perm=[0, 2, 1, 3])
 
     def _rotate(self, base: str, x: str) -> str:
-        """x * cos + rotate_half(x) * sin, x [batch, heads, seq, head_dim]."""
-        g, half = self.g, self.spec.head_dim // 2
-        x1, x2 = g.node("Split", [x, g.const([half, half])], f"{base}/Split", outputs=2, axis=-1)
-        swapped = g.node("Concat", [x2, x1], f"{base}/Concat", axis=-1)
+        """x * cos + swapped(x) * sin, x [batch, heads, seq, head_dim]: the rotary step, whose
+        first rotary_dim channels rotate (rotate_half) and the rest pass (cos 1, sin 0)."""
+        g, a = self.g, describe(self.spec).attention
+        half, rest = a.rotary_dim // 2, a.head_dim - a.rotary_dim
+        sizes = [half, half] + ([rest] if rest else [])
+        parts = g.node("Split", [x, g.const(sizes)], f"{base}/Split", outputs=len(sizes), axis=-1)
+        swapped = g.node("Concat", [parts[1], parts[0], *parts[2:]], f"{base}/Concat", axis=-1)
         return g.node("Add", [g.node("Mul", [x, self.cos], f"{base}/cos/Mul"),
                               g.node("Mul", [swapped, self.sin], f"{base}/sin/Mul")], f"{base}/Add")
 
     def _attention(self, i: int, p: str, lw: dict, x: str) -> str:
-        s, g = self.spec, self.g
-        group = s.num_heads // s.num_kv_heads
+        g, a = self.g, describe(self.spec).attention
+        group = a.group
         proj = {}
-        for kind in "qkv":
+        for kind, key in zip("qkv", (a.q, a.k, a.v)):
             bias = None
-            if s.attention_bias:
-                bias = self._float(f"{p[1:]}.attn.{kind}_proj.bias".replace("/", "."), lw[f"{kind}_bias"][1],
-                                   lw[f"{kind}_bias"][0])
-            proj[kind] = self._linear(f"{p}/attn/{kind}_proj", x, *lw[f"{kind}_proj"], bias=bias)
-        heads = {"q": s.num_heads, "k": s.num_kv_heads, "v": s.num_kv_heads}
+            if a.bias:
+                bias_name, bias_value = lw[a.bias["qkv".index(kind)]]
+                bias = self._float(f"{p[1:]}.attn.{kind}_proj.bias".replace("/", "."), bias_value, bias_name)
+            proj[kind] = self._linear(f"{p}/attn/{kind}_proj", x, *lw[key], bias=bias)
+        heads = {"q": a.heads, "k": a.kv_heads, "v": a.kv_heads}
         q, k, v = (self._heads(f"{p}/attn/{kind}", proj[kind], heads[kind]) for kind in "qkv")
-        if s.qk_norm:
-            q = self._rms_norm(f"{p}/attn/q_norm", q, *lw["q_norm"])
-            k = self._rms_norm(f"{p}/attn/k_norm", k, *lw["k_norm"])
+        if a.head_norm:
+            q_norm, k_norm = a.head_norm
+            q = self._rms_norm(f"{p}/attn/q_norm", q, *lw[q_norm.weight], q_norm.eps)
+            k = self._rms_norm(f"{p}/attn/k_norm", k, *lw[k_norm.weight], k_norm.eps)
         q = self._rotate(f"{p}/attn/q_rotary", q)
         k = self._rotate(f"{p}/attn/k_rotary", k)
         k_all = self._cache(p, i, "key", k)
         v_all = self._cache(p, i, "value", v)
         # Each KV head serves `group` query heads: q [b, H, s, d] -> [b, KV, group, s, d] against
         # k [b, KV, 1, T, d], broadcast; no repeated keys are materialised.
-        a = f"{p}/attn"
-        q5 = g.node("Reshape", [q, g.const([0, s.num_kv_heads, group, -1, s.head_dim])], f"{a}/q/Reshape_1")
-        k5 = g.node("Unsqueeze", [k_all, g.const([2])], f"{a}/k/Unsqueeze")
-        v5 = g.node("Unsqueeze", [v_all, g.const([2])], f"{a}/v/Unsqueeze")
-        kt = g.node("Transpose", [k5], f"{a}/k/Transpose_1", perm=[0, 1, 2, 4, 3])
-        scores = g.node("MatMul", [q5, kt], f"{a}/scores/MatMul")
+        n = f"{p}/attn"
+        q5 = g.node("Reshape", [q, g.const([0, a.kv_heads, group, -1, a.head_dim])], f"{n}/q/Reshape_1")
+        k5 = g.node("Unsqueeze", [k_all, g.const([2])], f"{n}/k/Unsqueeze")
+        v5 = g.node("Unsqueeze", [v_all, g.const([2])], f"{n}/v/Unsqueeze")
+        kt = g.node("Transpose", [k5], f"{n}/k/Transpose_1", perm=[0, 1, 2, 4, 3])
+        scores = g.node("MatMul", [q5, kt], f"{n}/scores/MatMul")
         if self.half:
-            scores = g.node("Cast", [scores], f"{a}/scores/Cast", to=TensorProto.FLOAT)
-        scores = g.node("Mul", [scores, g.const(1.0 / math.sqrt(s.head_dim), np.float32)], f"{a}/scores/Mul")
-        scores = g.node("Add", [scores, self.mask], f"{a}/scores/Add")
-        probs = g.node("Softmax", [scores], f"{a}/Softmax", axis=-1)
+            scores = g.node("Cast", [scores], f"{n}/scores/Cast", to=TensorProto.FLOAT)
+        scores = g.node("Mul", [scores, g.const(1.0 / math.sqrt(a.head_dim), np.float32)], f"{n}/scores/Mul")
+        scores = g.node("Add", [scores, self.mask], f"{n}/scores/Add")
+        probs = g.node("Softmax", [scores], f"{n}/Softmax", axis=-1)
         if self.half:
-            probs = g.node("Cast", [probs], f"{a}/Softmax/Cast", to=TensorProto.FLOAT16)
-        ctx = g.node("MatMul", [probs, v5], f"{a}/context/MatMul")
-        ctx = g.node("Reshape", [ctx, g.const([0, s.num_heads, -1, s.head_dim])], f"{a}/context/Reshape")
-        ctx = g.node("Transpose", [ctx], f"{a}/context/Transpose", perm=[0, 2, 1, 3])
-        ctx = g.node("Reshape", [ctx, g.const([0, 0, s.num_heads * s.head_dim])], f"{a}/context/Reshape_1")
-        return self._linear(f"{p}/attn/o_proj", ctx, *lw["o_proj"])
+            probs = g.node("Cast", [probs], f"{n}/Softmax/Cast", to=TensorProto.FLOAT16)
+        ctx = g.node("MatMul", [probs, v5], f"{n}/context/MatMul")
+        ctx = g.node("Reshape", [ctx, g.const([0, a.heads, -1, a.head_dim])], f"{n}/context/Reshape")
+        ctx = g.node("Transpose", [ctx], f"{n}/context/Transpose", perm=[0, 2, 1, 3])
+        ctx = g.node("Reshape", [ctx, g.const([0, 0, a.heads * a.head_dim])], f"{n}/context/Reshape_1")
+        return self._linear(f"{p}/attn/o_proj", ctx, *lw[a.o])
 
     def _cache(self, p: str, i: int, kind: str, new: str) -> str:
         """present = Concat(past, new) along the sequence; returns it in the compute type."""
@@ -357,11 +369,11 @@ class _PortableGraph:
         return present
 
     def _mlp(self, p: str, lw: dict, x: str) -> str:
-        g = self.g
-        gate = self._linear(f"{p}/mlp/gate_proj", x, *lw["gate_proj"])
-        up = self._linear(f"{p}/mlp/up_proj", x, *lw["up_proj"])
+        g, m = self.g, describe(self.spec).mlp
+        gate = self._linear(f"{p}/mlp/gate_proj", x, *lw[m.gate])
+        up = self._linear(f"{p}/mlp/up_proj", x, *lw[m.up])
         act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")], f"{p}/mlp/act_fn/Mul")
-        return self._linear(f"{p}/mlp/down_proj", g.node("Mul", [act, up], f"{p}/mlp/Mul"), *lw["down_proj"])
+        return self._linear(f"{p}/mlp/down_proj", g.node("Mul", [act, up], f"{p}/mlp/Mul"), *lw[m.down])
 
 
 _REF_KEYS = ("data", "scale", "zero_point", "residual", "input_scale_inverse")

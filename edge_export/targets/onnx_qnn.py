@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 from quantizers.int8 import quantize_int8
 from runtimes.backends.qnn import MASK_HIDDEN
 from runtimes.capabilities import QNN_SOCS
-from runtimes.models import ModelSpec
+from runtimes.models import ModelSpec, describe
 
 from ..errors import ExportError
 from .onnx_graph import GraphWriter
@@ -267,56 +267,64 @@ class _Builder:
         computes wrong rows past the 32nd on the HTP simulator of onnxruntime-qnn 2.7.)"""
         from runtimes import rope
         s = self.spec
-        _, factor = rope.inv_freq(s.head_dim, s.rope_theta, s.rope_scaling)
+        r = rope.Rope.for_spec(s)
+        # cos/sin times the attention factor; channels past rotary_dim carry cos 1, sin 0
+        factor = max(1.0, rope.inv_freq(r.dim, r.theta, r.scaling)[1])
         for name in ("position_cos", "position_sin"):
             self.g.input(name, TensorProto.FLOAT, [1, 1, self.seq, s.head_dim])
             self.points[name] = ("range", -factor, factor)
         self.cos, self.sin = "position_cos", "position_sin"
 
-    def _norm(self, base: str, x: str, gamma: np.ndarray, hf_name: str, multiplier: float = 1.0) -> str:
+    def _norm(self, base: str, x: str, gamma: np.ndarray, hf_name: str, multiplier: float = 1.0,
+              eps: float | None = None) -> str:
         weight, entry = self.uint16_const(base, "weight", np.asarray(gamma, np.float32) / multiplier)
         self.table[hf_name] = dict(entry, multiplier=multiplier) if multiplier != 1.0 else entry
         return self.op("RMSNormalization", [x, weight], f"{base}/RMSNormalization", axis=-1,
-                       epsilon=self.spec.rms_norm_eps)
+                       epsilon=self.spec.rms_norm_eps if eps is None else eps)
 
     def _layer(self, i: int, hidden: str) -> str:
-        s, p = self.spec, f"/model/layers.{i}"
+        s, p, steps = self.spec, f"/model/layers.{i}", describe(self.spec)
         name = lambda key: s.tensor_name(key, i)  # noqa: E731
-        x = self._norm(f"{p}/input_layernorm", hidden, self._get("attn_norm", i), name("attn_norm"))
+        x = self._norm(f"{p}/input_layernorm", hidden, self._get(steps.attn_norm.weight, i),
+                       name(steps.attn_norm.weight), eps=steps.attn_norm.eps)
         attn = self._attention(i, p, x)
         hidden = self.op("Add", [hidden, attn], f"{p}/attn/residual/Add")
-        x = self._norm(f"{p}/post_attention_layernorm", hidden, self._get("mlp_norm", i), name("mlp_norm"))
+        x = self._norm(f"{p}/post_attention_layernorm", hidden, self._get(steps.mlp_norm.weight, i),
+                       name(steps.mlp_norm.weight), eps=steps.mlp_norm.eps)
         return self.op("Add", [hidden, self._mlp(i, p, x)], f"{p}/mlp/residual/Add")
 
     def _attention(self, i: int, p: str, x: str) -> str:
         """q, k and v are separate FullyConnected ops, each with its own uint16 range: the HTP's
         uint16 x uint16 MatMul holds its second operand to about 8 bits, so v must span its own
         range (a range shared with k left it a few levels)."""
-        s = self.spec
+        s, a = self.spec, describe(self.spec).attention
         proj = {}
-        for key in ("q", "k", "v"):
-            lin = self._qlinear(f"{key}_proj", i)
-            multiplier = 1.0 if s.qk_norm or key != "q" else 1.0 / self.q_scale
+        for key, tensor in zip("qkv", (a.q, a.k, a.v)):
+            lin = self._qlinear(tensor, i)
+            multiplier = 1.0 if a.head_norm or key != "q" else 1.0 / self.q_scale
             lin.scales = (lin.scales / multiplier).astype(np.float32)  # q: 1/sqrt(head_dim) folded in
             proj[key], entry = self.linear(f"{p}/attn/{key}_proj", x, lin)
             if multiplier != 1:
                 entry["multiplier"] = multiplier
-            self.table[s.tensor_name(f"{key}_proj", i)] = entry
-            if s.attention_bias:
-                proj[key] = self._bias(i, p, key, proj[key], multiplier)
-        q = self._heads(f"{p}/attn/q", proj["q"], s.num_heads)
-        k = self._heads(f"{p}/attn/k", proj["k"], s.num_kv_heads)
-        v = self._heads(f"{p}/attn/v", proj["v"], s.num_kv_heads, out=f"present.{i}.value")
-        if s.qk_norm:
-            q = self._norm(f"{p}/attn/q_norm", q, self._get("q_norm", i), s.tensor_name("q_norm", i), 1 / self.q_scale)
-            k = self._norm(f"{p}/attn/k_norm", k, self._get("k_norm", i), s.tensor_name("k_norm", i))
+            self.table[s.tensor_name(tensor, i)] = entry
+            if a.bias:
+                proj[key] = self._bias(i, p, key, a.bias["qkv".index(key)], proj[key], multiplier)
+        q = self._heads(f"{p}/attn/q", proj["q"], a.heads)
+        k = self._heads(f"{p}/attn/k", proj["k"], a.kv_heads)
+        v = self._heads(f"{p}/attn/v", proj["v"], a.kv_heads, out=f"present.{i}.value")
+        if a.head_norm:
+            q_norm, k_norm = a.head_norm
+            q = self._norm(f"{p}/attn/q_norm", q, self._get(q_norm.weight, i), s.tensor_name(q_norm.weight, i),
+                           1 / self.q_scale, eps=q_norm.eps)
+            k = self._norm(f"{p}/attn/k_norm", k, self._get(k_norm.weight, i), s.tensor_name(k_norm.weight, i),
+                           eps=k_norm.eps)
         q = self._rope(f"{p}/attn/q_rope", q)
         k = self._rope(f"{p}/attn/k_rope", k, out=f"present.{i}.key")
         return self._attend(i, p, q, k, v)
 
-    def _bias(self, i: int, p: str, key: str, y: str, multiplier: float) -> str:
-        hf_name = self.spec.tensor_name(f"{key}_bias", i)
-        bias = np.asarray(self._get(f"{key}_bias", i), np.float32) / multiplier
+    def _bias(self, i: int, p: str, key: str, tensor: str, y: str, multiplier: float) -> str:
+        hf_name = self.spec.tensor_name(tensor, i)
+        bias = np.asarray(self._get(tensor, i), np.float32) / multiplier
         weight, entry = self.uint16_const(f"{p}/attn/{key}_proj", "bias", bias)
         self.table[hf_name] = dict(entry, multiplier=multiplier) if multiplier != 1 else entry
         return self.op("Add", [y, weight], f"{p}/attn/{key}_proj/Add")
@@ -331,10 +339,15 @@ class _Builder:
         return y
 
     def _rope(self, base: str, x: str, out: str | None = None) -> str:
-        g, half = self.g, self.spec.head_dim // 2
+        """The rotary step: x * cos + swapped(x) * sin, swapping the halves of the first rotary_dim
+        channels (the rest pass: the runtime's cos is 1 and sin 0 there)."""
+        g, steps = self.g, describe(self.spec).attention
+        half, end = steps.rotary_dim // 2, steps.rotary_dim if steps.partial else INT64_MAX
         lo = self.move("Slice", x, f"{base}/Slice", g.const([0]), g.const([half]), g.const([3]))
-        hi = self.move("Slice", x, f"{base}/Slice_1", g.const([half]), g.const([INT64_MAX]), g.const([3]))
-        swapped = self.op("Concat", [hi, lo], f"{base}/Concat", same(x), axis=3)
+        hi = self.move("Slice", x, f"{base}/Slice_1", g.const([half]), g.const([end]), g.const([3]))
+        rest = [self.move("Slice", x, f"{base}/Slice_2", g.const([end]), g.const([INT64_MAX]), g.const([3]))] \
+            if steps.partial else []
+        swapped = self.op("Concat", [hi, lo, *rest], f"{base}/Concat", same(x), axis=3)
         a = self.op("Mul", [x, self.cos], f"{base}/Mul")
         b = self.op("Mul", [swapped, self.sin], f"{base}/Mul_1")
         if out is None:
@@ -362,21 +375,22 @@ class _Builder:
         out = self.reshape(out, [1, s.num_heads, -1, hd], f"{p}/attn/context/Reshape")
         out = self.move("Transpose", out, f"{p}/attn/context/Transpose", perm=[0, 2, 1, 3])
         out = self.reshape(out, [1, -1, s.num_heads * hd], f"{p}/attn/context/Reshape_1")
-        o, entry = self.linear(f"{p}/attn/o_proj", out, self._qlinear("o_proj", i))
-        self.table[s.tensor_name("o_proj", i)] = entry
+        o_key = describe(s).attention.o
+        o, entry = self.linear(f"{p}/attn/o_proj", out, self._qlinear(o_key, i))
+        self.table[s.tensor_name(o_key, i)] = entry
         return o
 
     def _mlp(self, i: int, p: str, x: str) -> str:
-        s = self.spec
-        gate, up = (self.linear(f"{p}/mlp/{key}", x, self._qlinear(key, i)) for key in ("gate_proj", "up_proj"))
-        self.table[s.tensor_name("gate_proj", i)], self.table[s.tensor_name("up_proj", i)] = gate[1], up[1]
+        s, m = self.spec, describe(self.spec).mlp
+        gate, up = (self.linear(f"{p}/mlp/{key}", x, self._qlinear(key, i)) for key in (m.gate, m.up))
+        self.table[s.tensor_name(m.gate, i)], self.table[s.tensor_name(m.up, i)] = gate[1], up[1]
         gate, up = gate[0], up[0]
         # sigmoid's uint16 output scale is fixed at 1/65536 (what QNN's HTP requires)
         sig = self.op("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid", ("params", 1.0 / 65536, 0))
         act = self.op("Mul", [gate, sig], f"{p}/mlp/act_fn/Mul")
         hidden = self.op("Mul", [act, up], f"{p}/mlp/Mul")
-        down, entry = self.linear(f"{p}/mlp/down_proj", hidden, self._qlinear("down_proj", i))
-        self.table[s.tensor_name("down_proj", i)] = entry
+        down, entry = self.linear(f"{p}/mlp/down_proj", hidden, self._qlinear(m.down, i))
+        self.table[s.tensor_name(m.down, i)] = entry
         return down
 
     def _head(self, hidden: str, head: QLinear) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
+from runtimes.models import describe
+
 from ..errors import ExportError
 
 DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.UINT8: "uint8",
@@ -38,28 +40,28 @@ class _Graph:
 def weights_table(model_path: str | Path, spec) -> dict:
     """HF tensor name -> stored-form entry (runtimes/weights.py's formats) for an ort graph."""
     g, table = _Graph(Path(model_path)), {}
-    hd, q_dim, kv_dim = spec.head_dim, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    steps = describe(spec)
+    a, m = steps.attention, steps.mlp
     for i in range(spec.num_layers):
         p = f"/model/layers.{i}"
-        name = lambda key: spec.tensor_name(key, i)  # noqa: E731
-        table[name("attn_norm")] = _norm(g, f"{p}/input_layernorm")
-        table[name("mlp_norm")] = _norm(g, f"{p}/post_attention_layernorm")
-        splits = [("q", 0, q_dim), ("k", q_dim, q_dim + kv_dim), ("v", q_dim + kv_dim, q_dim + 2 * kv_dim)]
-        _linears(g, table, f"{p}/attn/qkv_proj", [(name(f"{k}_proj"), name(f"{k}_bias"), a, b) for k, a, b in splits],
-                 [(name(f"{k}_proj"), name(f"{k}_bias"), f"{p}/attn/{k}_proj") for k, _, _ in splits])
-        _linears(g, table, None, [], [(name("o_proj"), None, f"{p}/attn/o_proj")])
-        f = spec.intermediate_size
+        name = lambda key: spec.tensor_name(key, i) if key else None  # noqa: E731
+        table[name(steps.attn_norm.weight)] = _norm(g, f"{p}/input_layernorm")
+        table[name(steps.mlp_norm.weight)] = _norm(g, f"{p}/post_attention_layernorm")
+        biases = a.bias or (None, None, None)
+        rows = (0, a.q_dim, a.q_dim + a.kv_dim, a.q_dim + 2 * a.kv_dim)
+        splits = [(kind, key, bias, rows[j], rows[j + 1])
+                  for j, (kind, key, bias) in enumerate(zip("qkv", (a.q, a.k, a.v), biases))]
+        _linears(g, table, f"{p}/attn/qkv_proj", [(name(key), name(bias), lo, hi) for _, key, bias, lo, hi in splits],
+                 [(name(key), name(bias), f"{p}/attn/{kind}_proj") for kind, key, bias, _, _ in splits])
+        _linears(g, table, None, [], [(name(a.o), None, f"{p}/attn/o_proj")])
+        f = m.intermediate
         _linears(g, table, f"{p}/mlp/gate_up_proj",
-                 [(name("gate_proj"), None, 0, f), (name("up_proj"), None, f, 2 * f)],
-                 [(name("gate_proj"), None, f"{p}/mlp/gate_proj"), (name("up_proj"), None, f"{p}/mlp/up_proj")])
-        _linears(g, table, None, [], [(name("down_proj"), None, f"{p}/mlp/down_proj")])
-        if spec.qk_norm:
-            for key in ("q_norm", "k_norm"):
-                node = g.node(f"{p}/attn/{key}/SimplifiedLayerNorm")
-                table[name(key)] = {"format": "float", "data": g.ref(node.input[1])}
-        if not spec.attention_bias:
-            for key in ("q_bias", "k_bias", "v_bias"):
-                table.pop(name(key), None)
+                 [(name(m.gate), None, 0, f), (name(m.up), None, f, 2 * f)],
+                 [(name(m.gate), None, f"{p}/mlp/gate_proj"), (name(m.up), None, f"{p}/mlp/up_proj")])
+        _linears(g, table, None, [], [(name(m.down), None, f"{p}/mlp/down_proj")])
+        for norm, kind in zip(a.head_norm or (), ("q_norm", "k_norm")):
+            node = g.node(f"{p}/attn/{kind}/SimplifiedLayerNorm")
+            table[name(norm.weight)] = {"format": "float", "data": g.ref(node.input[1])}
     table[spec.tensor_name("final_norm")] = _norm(g, "/model/norm")
     head = _linear_entry(g, "/lm_head")
     table[spec.tensor_name("embed")] = _embedding(g, spec, head)

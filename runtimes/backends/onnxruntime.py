@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import rope
 from ..errors import ArtifactError, BackendUnavailableError, ContextOverflowError
 from .base import Backend, register_backend
 
@@ -197,11 +198,14 @@ class OnnxRuntimeBackend(Backend):
     def prefill(self, ids) -> np.ndarray:
         """Run the prompt: on the shared KV buffer in chunks of PREFILL_CHUNK positions (same
         logits; attention's scratch stays [chunk, context] instead of [prompt, context]);
-        a concat graph in one call."""
+        a concat graph in one call. A LongRoPE prompt longer than the original context also runs
+        in one call: the graph picks the factor set from the sequence a call ends at, and one
+        forward over the prompt (transformers' rule) rotates all of it with the long factors."""
         self.position = 0
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
-        step = n if self.concat else PREFILL_CHUNK
+        switch = rope.Rope.for_spec(self.spec).switch
+        step = n if self.concat or (switch is not None and n > switch) else PREFILL_CHUNK
         for start in range(0, n, step) if n else [0]:  # an empty prompt fails in _run, as it always did
             logits = self._run(ids[:, start:start + step])
         return logits

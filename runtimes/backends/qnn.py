@@ -114,11 +114,13 @@ class StaticDecoder:
     def _dtype(self, name: str):
         return np.uint16 if name in self.io else np.float32
 
-    def _rotary(self, positions: np.ndarray) -> dict:
+    def _rotary(self, positions: np.ndarray, sequence: int) -> dict:
         """position_cos / position_sin [1, 1, S, head_dim]: cos twice, and sin with its first half
-        negated, so the graph computes rope(x) = x * cos + swap_halves(x) * sin."""
-        cos, sin = rope.cos_sin(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling, positions)
-        values = {"position_cos": np.concatenate([cos, cos], 1), "position_sin": np.concatenate([-sin, sin], 1)}
+        negated (1 and 0 past the rotary channels), so the graph computes rope(x) = x * cos +
+        swap_halves(x) * sin. The forward's sequence length decides LongRoPE's factor set."""
+        cos, sin = rope.Rope.for_spec(self.spec).tables(positions, total=sequence)
+        full_cos, signed_sin = rope.full_width(cos, sin, self.spec.head_dim)
+        values = {"position_cos": full_cos, "position_sin": signed_sin}
         return {name: self._encode(name, v[None, None]) for name, v in values.items()}
 
     def _encode(self, name: str, x: np.ndarray) -> np.ndarray:
@@ -136,7 +138,8 @@ class StaticDecoder:
         pad = -len(ids) % self.chunk
         padded = [0] * pad + ids
         for start in range(0, len(padded), self.chunk):
-            logits = self._step("prefill", padded[start:start + self.chunk], pad if start == 0 else 0)
+            # the whole prompt's length picks LongRoPE's factor set for every chunk, as one forward would
+            logits = self._step("prefill", padded[start:start + self.chunk], pad if start == 0 else 0, len(ids))
         return logits
 
     def decode(self, token: int) -> np.ndarray:
@@ -148,8 +151,9 @@ class StaticDecoder:
             raise ContextOverflowError(f"{total} tokens do not fit the artifact's context of {self.max_context}; "
                                        "shorten the prompt or export with a larger --max-context")
 
-    def _step(self, graph: str, tokens: list[int], skip: int) -> np.ndarray:
-        """Run ``tokens`` (the first ``skip`` of them padding) after the cache; returns the last row's logits."""
+    def _step(self, graph: str, tokens: list[int], skip: int, sequence: int | None = None) -> np.ndarray:
+        """Run ``tokens`` (the first ``skip`` of them padding) after the cache, as part of a forward
+        over ``sequence`` tokens (default: up to these); returns the last row's logits."""
         s, start, n, ctx = len(tokens), self.length, len(tokens) - skip, self.max_context
         positions = np.concatenate([np.zeros(skip, np.int64), np.arange(start, start + n)])
         mask = np.full((1, 1, s, ctx + s), self.hidden, self._dtype("attention_mask"))
@@ -158,7 +162,7 @@ class StaticDecoder:
         causal = (rows[None, :] <= rows[:, None]) & ((rows[None, :] >= skip) | (rows[None, :] == rows[:, None]))
         mask[0, 0, :, ctx:][causal] = self.visible  # padding rows see only themselves
         feeds = {"input_ids": np.asarray(tokens, np.int32).reshape(1, s), "attention_mask": mask,
-                 **self._rotary(positions)}
+                 **self._rotary(positions, sequence or start + n)}
         for i in range(self.spec.num_layers):
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = self.k[i], self.v[i]
         out = self.run(graph, feeds)

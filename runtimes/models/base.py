@@ -9,31 +9,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, UnsupportedArchitectureError
-from .config_keys import COMMON_CHECKS, check_keys, read_rope
+import numpy as np
 
-# One table of tensor names, `{bid}` standing for the layer index (gguf-py's TensorNameMap idea).
-LAYER_TENSORS = {
-    "attn_norm": "model.layers.{bid}.input_layernorm.weight",
-    "q_proj": "model.layers.{bid}.self_attn.q_proj.weight",
-    "k_proj": "model.layers.{bid}.self_attn.k_proj.weight",
-    "v_proj": "model.layers.{bid}.self_attn.v_proj.weight",
-    "o_proj": "model.layers.{bid}.self_attn.o_proj.weight",
-    "q_bias": "model.layers.{bid}.self_attn.q_proj.bias",
-    "k_bias": "model.layers.{bid}.self_attn.k_proj.bias",
-    "v_bias": "model.layers.{bid}.self_attn.v_proj.bias",
-    "q_norm": "model.layers.{bid}.self_attn.q_norm.weight",
-    "k_norm": "model.layers.{bid}.self_attn.k_norm.weight",
-    "mlp_norm": "model.layers.{bid}.post_attention_layernorm.weight",
-    "gate_proj": "model.layers.{bid}.mlp.gate_proj.weight",
-    "up_proj": "model.layers.{bid}.mlp.up_proj.weight",
-    "down_proj": "model.layers.{bid}.mlp.down_proj.weight",
-}
-GLOBAL_TENSORS = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "lm_head": "lm_head.weight",
-}
+from ..errors import ConfigError, UnsupportedArchitectureError
+from .config_keys import COMMON_CHECKS, check_keys, check_rotary, read_rope
+from .decoder import GLOBAL_TENSORS, LAYER_TENSORS, layer_tensors
 
 MAX_VOCAB = 4_000_000
 MAX_DIM = 1 << 20
@@ -43,8 +23,10 @@ MAX_DIM = 1 << 20
 class ModelSpec:
     """Everything the toolkit needs to know about a decoder-only model, independent of layout.
 
-    Dims are counts; ``rope_scaling`` is the HF dict (``rope_type`` llama3 | linear) or None.
-    ``generation`` holds sampling defaults (temperature, top_p, think_prefix).
+    Dims are counts; ``rope_scaling`` is the HF dict (``rope_type`` linear | llama3 | yarn |
+    longrope, transformers' defaults filled in) or None; ``partial_rotary_factor`` the share of each
+    head that rotates. ``generation`` holds sampling defaults (temperature, top_p, think_prefix).
+    What a layer computes from these is ``runtimes.models.decoder.describe(spec)``.
     """
 
     architecture: str
@@ -57,6 +39,7 @@ class ModelSpec:
     vocab_size: int
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
     qk_norm: bool = False
@@ -68,6 +51,11 @@ class ModelSpec:
     generation: dict = field(default_factory=dict)
 
     # ---- derived figures -------------------------------------------------------------
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that rotate (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
     def tensor_name(self, key: str, layer: int | None = None) -> str:
         """Canonical (HF) name of a tensor from the shared table."""
         if layer is None:
@@ -76,20 +64,11 @@ class ModelSpec:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor this model has, in checkpoint order, with its (out, in) shape."""
-        h, q, kv, f = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        h = self.hidden_size
         shapes = {GLOBAL_TENSORS["embed"]: (self.vocab_size, h)}
+        layer = layer_tensors(self)
         for i in range(self.num_layers):
-            layer = {
-                "attn_norm": (h,), "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "mlp_norm": (h,), "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f),
-            }
-            if self.attention_bias:
-                layer.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
-            if self.qk_norm:
-                layer.update(q_norm=(self.head_dim,), k_norm=(self.head_dim,))
-            for key in LAYER_TENSORS:
-                if key in layer:
-                    shapes[self.tensor_name(key, i)] = layer[key]
+            shapes.update({self.tensor_name(key, i): shape for key, shape in layer.items()})
         shapes[GLOBAL_TENSORS["final_norm"]] = (h,)
         if not self.tied_embeddings:
             shapes[GLOBAL_TENSORS["lm_head"]] = (self.vocab_size, h)
@@ -128,19 +107,58 @@ class Architecture:
 
     ``checks`` maps a config key that changes the arithmetic to (accepts(value), what is computed);
     ``harmless`` lists keys of this family that change nothing. See ``config_keys``.
+    ``partial_rotary``: whether ``partial_rotary_factor`` < 1 is implemented (else it is refused).
+    ``rope_aliases``: this family's other names for a rope type (Phi-3's "su" is LongRoPE).
+    ``fused``: checkpoint tensors that hold several of ours stacked along the rows, as
+    {fused HF name template: (our keys in row order)}; see :meth:`sanitize`.
+    ``config_defaults``: what transformers' config class of this family assumes for a key that
+    config.json leaves out and that changes the arithmetic (read as if it were written).
     """
 
     name: str = ""
     model_type: str = ""
     attention_bias: bool = False
     qk_norm: bool = False
+    partial_rotary: bool = False
     rope_types: tuple = ("default", "linear", "llama3", "yarn")
+    rope_aliases: dict = {}
     checks: dict = {}
     harmless: frozenset = frozenset()
+    fused: dict = {}
+    config_defaults: dict = {}
+
+    def sanitize(self, spec: ModelSpec, names) -> dict[str, tuple[str, int, int]]:
+        """Checkpoint quirks: for each of our tensor names that a checkpoint (holding ``names``)
+        stores inside a fused tensor, (fused name, first row, end row). Empty when nothing is fused."""
+        names, views = set(names), {}
+        shapes = layer_tensors(spec)
+        for i in range(spec.num_layers):
+            for template, keys in self.fused.items():
+                fused = template.format(bid=i)
+                if fused not in names:
+                    continue
+                start = 0
+                for key in keys:
+                    rows = shapes[key][0]
+                    views[spec.tensor_name(key, i)] = (fused, start, start + rows)
+                    start += rows
+        return views
+
+    def fuse(self, spec: ModelSpec, tensors: dict) -> dict:
+        """The inverse of :meth:`sanitize`: our tensors stacked into this family's fused ones
+        (to write a checkpoint as the family's own tooling does)."""
+        out = dict(tensors)
+        for i in range(spec.num_layers):
+            for template, keys in self.fused.items():
+                parts = [out.pop(spec.tensor_name(key, i)) for key in keys]
+                out[template.format(bid=i)] = np.concatenate(parts, axis=0)
+        return out
 
     def spec_from_config(self, config: dict, source: str = "config.json") -> ModelSpec:
         """Validate an HF config dict and turn it into a ModelSpec; errors name ``source``.
         A key that changes the arithmetic and is not implemented is refused; an unknown one reported."""
+        if isinstance(config, dict):
+            config = {**self.config_defaults, **config}
         cfg = _ConfigReader(config, source)
         check_keys(config, {**COMMON_CHECKS, **self.checks}, self.harmless, self.name, source)
         hidden = cfg.dim("hidden_size")
@@ -154,7 +172,11 @@ class Architecture:
             raise ConfigError(f"{source}: num_key_value_heads={kv_heads} does not divide "
                               f"num_attention_heads={heads}; grouped-query attention needs a divisor")
         vocab = cfg.dim("vocab_size", limit=MAX_VOCAB)
-        rope_theta, rope_scaling = read_rope(config, self.rope_types, self.name, source)
+        rope_theta, rope_scaling, partial = read_rope(config, self.rope_types, self.name, source, self.rope_aliases)
+        if partial != 1.0 and not self.partial_rotary:
+            raise ConfigError(f"{source}: 'partial_rotary_factor' = {partial!r} changes the model's arithmetic and is "
+                              f"not implemented for {self.name} (rotary over the whole head)")
+        check_rotary(partial, head_dim, rope_scaling, source)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         return ModelSpec(
@@ -168,6 +190,7 @@ class Architecture:
             vocab_size=vocab,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
+            partial_rotary_factor=partial,
             rms_norm_eps=cfg.number("rms_norm_eps", 1e-6),
             attention_bias=self.attention_bias,
             qk_norm=self.qk_norm,
@@ -202,6 +225,8 @@ class Architecture:
             "hidden_act": "silu",
             "use_cache": True,
         }
+        if spec.partial_rotary_factor != 1.0:
+            config["partial_rotary_factor"] = spec.partial_rotary_factor
         config.update(self.extra_config(spec))
         return config
 

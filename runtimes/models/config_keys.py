@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 from typing import Any, Callable
 
 from ..errors import ConfigError
@@ -25,7 +26,8 @@ READ = frozenset({
     "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps",
     "tie_word_embeddings", "max_position_embeddings", "bos_token_id", "eos_token_id", "torch_dtype",
-    "dtype", "rope_theta", "rope_scaling", "rope_parameters",
+    "dtype", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "original_max_position_embeddings",
 })
 
 # Keys that change nothing a forward pass computes (training, bookkeeping, generation flags).
@@ -75,7 +77,6 @@ def value(accepts: Callable[[Any], bool]) -> Check:
 COMMON_CHECKS: dict[str, tuple[Check, str]] = {
     "hidden_act": (value(lambda v: v in ("silu", "swish")), "SiLU (gated) MLPs only"),
     "mlp_bias": (value(_falsy), "MLP projections without bias"),
-    "partial_rotary_factor": (value(_neutral_multiplier), "rotary embeddings over the whole head"),
     "quantization_config": (value(_none), "float checkpoints only: give the float model or a GGUF"),
     "embedding_multiplier": (value(_neutral_multiplier), "unscaled embeddings"),
     "residual_multiplier": (value(_neutral_multiplier), "unscaled residuals"),
@@ -159,12 +160,17 @@ ROPE_PARAMS = {
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
     "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
              "mscale", "mscale_all_dim", "truncate"},
+    "longrope": {"long_factor", "short_factor", "factor", "attention_factor", "original_max_position_embeddings"},
 }
 ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+# rope types whose original context is read from the top level or the rope dict (transformers' rule)
+ORIGINAL_CONTEXT = ("llama3", "yarn", "longrope")
 
 
-def read_rope(config: dict, rope_types: tuple, arch: str, source: str) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling dict or None) from either spelling; every parameter checked."""
+def read_rope(config: dict, rope_types: tuple, arch: str, source: str,
+              aliases: dict | None = None) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling dict or None, partial_rotary_factor) from either spelling; every
+    parameter checked. ``aliases`` maps a family's own rope type names onto ours."""
     params, legacy = config.get("rope_parameters"), config.get("rope_scaling")
     if params is not None and legacy is not None and _rope_body(params) != _rope_body(legacy):
         raise ConfigError(f"{source}: both 'rope_parameters' and 'rope_scaling' are set and disagree; keep one")
@@ -177,20 +183,41 @@ def read_rope(config: dict, rope_types: tuple, arch: str, source: str) -> tuple[
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
         raise ConfigError(f"{source}: 'rope_theta' must be a positive number, got {theta!r}")
     kind = rope.pop("rope_type", rope.pop("type", "default"))
+    kind = (aliases or {}).get(kind, kind)
     if kind not in rope_types:
         raise ConfigError(f"{source}: rope type '{kind}' is not implemented for {arch} "
                           f"(implemented: {', '.join(rope_types)}); transformers computes it differently")
-    if rope.get("partial_rotary_factor", 1.0) not in _NEUTRAL_ONE:
-        raise ConfigError(f"{source}: 'partial_rotary_factor' = {rope['partial_rotary_factor']!r} changes the "
-                          f"model's arithmetic and is not implemented for {arch} (rotary over the whole head)")
-    rope.pop("partial_rotary_factor", None)
+    partial = rope.pop("partial_rotary_factor", None)
+    partial = config.get("partial_rotary_factor") if partial is None else partial
+    partial = 1.0 if partial is None else partial
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise ConfigError(f"{source}: 'partial_rotary_factor' must be a number in (0, 1], got {partial!r}")
     unknown = sorted(set(rope) - ROPE_PARAMS[kind])
     if unknown:
         raise ConfigError(f"{source}: rope parameter(s) {', '.join(unknown)} are not understood for rope type "
                           f"'{kind}'; expected only {', '.join(sorted(ROPE_PARAMS[kind])) or 'rope_theta'}")
     if kind == "default":
-        return float(theta), None
-    return float(theta), _complete_scaling(kind, rope, config, source)
+        return float(theta), None, float(partial)
+    return float(theta), _complete_scaling(kind, rope, config, source), float(partial)
+
+
+def check_rotary(partial: float, head_dim: int, scaling: dict | None, source: str) -> None:
+    """The rotated width is even, and LongRoPE gives one factor per rotated pair."""
+    dim = int(head_dim * partial)
+    if dim < 2 or dim % 2:
+        raise ConfigError(f"{source}: partial_rotary_factor={partial} of head_dim={head_dim} rotates {dim} channels; "
+                          "rotary needs an even number of at least 2")
+    if scaling and scaling.get("rope_type") == "longrope":
+        for key in ("long_factor", "short_factor"):
+            factors = scaling.get(key)
+            if (not isinstance(factors, list) or len(factors) != dim // 2
+                    or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
+                raise ConfigError(f"{source}: longrope '{key}' must be {dim // 2} positive numbers (one per rotated "
+                                  f"pair of {dim} channels), got {_brief(factors)}")
+
+
+def _brief(value: Any) -> str:
+    return f"a list of {len(value)}" if isinstance(value, list) else repr(value)
 
 
 def _rope_body(rope: Any) -> Any:
@@ -220,13 +247,17 @@ def _complete_scaling(kind: str, rope: dict, config: dict, source: str) -> dict:
         if not isinstance(rope.get(key), (int, float)) or isinstance(rope.get(key), bool):
             raise ConfigError(f"{source}: rope type '{kind}' needs a number for '{key}', got {rope.get(key)!r}")
     scaling = dict(rope, rope_type=kind)
-    if kind in ("llama3", "yarn"):
+    if kind in ORIGINAL_CONTEXT:
         # transformers' rule: a top-level original_max_position_embeddings wins, else max_position_embeddings
         original = (config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
                     or config.get("max_position_embeddings"))
         if not isinstance(original, int) or original <= 0:
             raise ConfigError(f"{source}: rope type '{kind}' needs original_max_position_embeddings, got {original!r}")
         scaling["original_max_position_embeddings"] = original
-    if kind == "yarn" and scaling.get("factor") is None:
+    if kind in ("yarn", "longrope") and scaling.get("factor") is None:
         scaling["factor"] = config.get("max_position_embeddings", 0) / scaling["original_max_position_embeddings"]
+    if kind == "longrope" and scaling.get("attention_factor") is None:
+        # transformers' default: sqrt(1 + ln(factor) / ln(original context)), 1 without extension
+        factor, original = float(scaling["factor"]), scaling["original_max_position_embeddings"]
+        scaling["attention_factor"] = (math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
     return scaling
