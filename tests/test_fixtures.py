@@ -13,7 +13,7 @@ import pytest
 
 from edge_export.checkpoint import open_checkpoint
 from edge_export.checkpoint.safetensors_io import SafetensorsFile
-from edge_export.export import tokenizer_fields
+from edge_export.manifest import tokenizer_fields
 from edge_export.fixtures import write_fixture
 from edge_export.presets import PHI4_MINI_CONFIG, preset_spec
 from runtimes import rope
