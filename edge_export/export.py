@@ -23,6 +23,7 @@ from .checkpoint import open_checkpoint
 from .errors import ExportError, UnsupportedArchitectureError, VerificationError
 from .quantize import QuantizedWeights, needs_calibration
 from .targets import get_target
+from .tensor_loss import record_tensor_losses
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ExportOptions:
     overwrite: bool = False
     threads: int | None = None
     via: str | None = None  # another exporter (EXPORTERS): optimum, for architectures outside the registry
+    tensor_loss: str = "auto"  # a GGUF tensor not carried exactly: kl | relative_output_error | auto (tensor_loss.py)
 
 
 # KV-cache precisions beyond float32/float16 and the target/variants that carry them (declared in
@@ -165,6 +167,7 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
         lowered = target.lower(ckpt.spec, weights, staging, variant=variant, options=options)
         write_tokenizer(ckpt.tokenizer, staging, ckpt.path)
         manifest = _manifest(ckpt, options, target, variant, rules, weights, lowered)
+        record_tensor_losses(staging, manifest, ckpt, options.tensor_loss)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
         write_manifest(staging, manifest)
         if options.verify:
