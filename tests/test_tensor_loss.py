@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_export.checkpoint.gguf_reader import GGUFCheckpoint
-from edge_export.tensor_loss import KL_BUDGET_FLOPS, choose_measure, kl_flops, measure_losses, _locate
+from edge_export.tensor_loss import PROMPTS, TOKENS, _locate, choose_measure, kl_flops, measure_losses
 from edge_export.verify import LayerMajorScorer, encode_prompts, load_prompts
 from tests.test_gguf_kquants import r1_tiny_q4km, r1_tiny_tokenized, smollm2_q4km  # noqa: F401 (fixtures)
 
@@ -73,13 +73,33 @@ def test_smollm2_q4km_gets_the_kl_for_its_k_quants_and_the_proxy_when_all_are_re
     to float16) fit the KL's budget; a target that re-quantizes all 211 quantized tensors gets the proxy."""
     ckpt = GGUFCheckpoint(smollm2_q4km)
     spec = ckpt.spec
-    ids = encode_prompts(ckpt.tokenizer, load_prompts(None))[:8]
+    ids = encode_prompts(ckpt.tokenizer, load_prompts(None))[:PROMPTS]
     quantized = {n: ckpt.stored_dtype(n) for n in spec.tensor_shapes() if ckpt.stored_dtype(n) != "F32"}
     k_quants = [_locate(spec, n) for n, t in quantized.items() if t in ("Q4_K", "Q6_K")]
     assert len(k_quants) == 30 and len(quantized) == 211
-    assert choose_measure(spec, k_quants, ids, 16)[0] == "kl"
+    assert choose_measure(spec, k_quants, ids, TOKENS)[0] == "kl"
     everything = [_locate(spec, n) for n in quantized]
-    measure, why = choose_measure(spec, everything, ids, 16)
-    assert measure == "relative_output_error" and "over the 3e+12 budget" in why
+    measure, why = choose_measure(spec, everything, ids, TOKENS)
+    assert measure == "relative_output_error" and "over the 1e+12 budget" in why
     assert kl_flops(spec, everything, 100, 10) > kl_flops(spec, k_quants, 100, 10)
-    assert KL_BUDGET_FLOPS == 3e12
+
+
+def test_smollm2_q4km_on_coreml_names_the_loss_of_each_rounded_k_quant(smollm2_q4km, tmp_path):
+    """Core ML on llama.cpp's SmolLM2 Q4_K_M (converted and saved here; prediction needs macOS): the
+    Q5_0 / Q8_0 tensors are stored bit for bit; the Q4_K / Q6_K ones, whose group scales the float16
+    program rounds, are marked inexact, each with the KL of that tensor alone."""
+    from edge_export.export import ExportOptions, export
+    manifest = export(str(smollm2_q4km), str(tmp_path / "coreml"), ExportOptions(target="coreml", verify=False,
+                                                                                  max_context=64))
+    records = manifest["quantization"]["tensors"]
+    quantized = {n: r for n, r in records.items() if r.get("source_type") != "F32"}
+    assert len(quantized) == 211
+    for name, record in quantized.items():
+        rounded = record["source_type"] in ("Q4_K", "Q6_K")
+        assert record["exact"] is not rounded, name
+        assert ("loss" in record) is rounded, name
+        if rounded:
+            assert 0 < record["loss"]["kl"] < 1e-3 and 0 < record["loss"]["relative_weight_error"] < 1e-3, name
+    how = manifest["quantization"]["tensor_loss"]
+    assert how["measure"] == "kl" and how["tensors"] == 30 and how["prompts"] == PROMPTS
+    assert how["positions"] == PROMPTS * TOKENS
