@@ -123,7 +123,7 @@ def markdown(result: dict) -> str:
     return "\n".join([
         "| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names),
         row("nodes on the HTP / all nodes, prefill + decode graph (CPU fallback disabled)", on_qnn),
-        row(f"on the HTP: first {h[0]} built-in prompts × {h[1]} tokens, KL, top-1",
+        row(f"on the HTP: first {h[0]} built-in prompt{'s' * (h[0] > 1)} × {h[1]} tokens, KL, top-1",
             lambda r: f"{r['htp']['kl_mean']:.3f}, {r['htp']['top1_agreement']:.3f}"),
         row("same graphs and tokens on onnxruntime's CPU provider, KL, top-1",
             lambda r: f"{r['cpu']['kl_mean']:.3f}, {r['cpu']['top1_agreement']:.3f}"),
