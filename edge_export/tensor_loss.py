@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 FLOAT_TYPES = ("F32", "F16", "BF16")
 PROMPTS = 4  # of the built-in verification prompts
 TOKENS = 16  # greedy reference tokens per prompt, the positions scored
-# Above this many floating-point operations the KL gives way to the proxy: the reference's small
-# per-sequence matmuls run at about 10 GFLOP/s on 2 idle cores, so this is a minute or two.
+# Above this many floating-point operations the KL gives way to the proxy. On SmolLM2's Q4_K_M the
+# 30 K-quant tensors Core ML rounds fit (8.5e11); the 211 tensors tensorrt or qnn re-quantize (6e12),
+# several CPU-minutes of the reference's per-sequence matmuls, do not.
 KL_BUDGET_FLOPS = 1e12
 MEASURES = ("auto", "kl", "relative_output_error")
 # a linear's short name -> where runtimes.reference's observer sees its input
@@ -60,8 +62,6 @@ def record_tensor_losses(folder, manifest: dict, ckpt, measure: str = "auto") ->
     """For an export of a GGUF: mark each quantized tensor's record in ``manifest`` ``exact`` or
     not, by its stored form in ``folder`` (the manifest's weights table), and give every inexact
     one its ``loss``; ``quantization.tensor_loss`` says how the losses were measured."""
-    from pathlib import Path
-
     from runtimes.artifact import Artifact
     from runtimes.weights import ArtifactWeights
     if ckpt.format != "gguf":
@@ -111,7 +111,8 @@ def measure_losses(ckpt, stored: Callable, names: list[str], measure: str = "aut
     if chosen == "kl":
         per, positions = _kl(spec, weights, stored, tensors, ids, tokens)
     else:
-        per, positions = _output_errors(spec, weights, stored, tensors, ids)
+        per, positions = _output_errors(spec, weights, stored, tensors, ids,
+                                        lambda name, rows: ckpt.tensor(name, rows=rows))
     for t in tensors:
         per[t.name]["relative_weight_error"] = _relative(stored(t.name) - weights(t.name), weights(t.name))
     return {"measure": chosen, "prompts": len(ids), "positions": positions, "why": why, "tensors": per}
@@ -207,12 +208,14 @@ def _mean_kl(ref_lp: np.ndarray, lp: np.ndarray) -> float:
 
 
 # ---- the proxy: each tensor's own output error ----------------------------------------------
-def _output_errors(spec, weights, stored, tensors: list[Tensor], ids: list) -> tuple[dict, int]:
+def _output_errors(spec, weights, stored, tensors: list[Tensor], ids: list, read_rows) -> tuple[dict, int]:
+    """One reference pass over the prompts' own tokens; each tensor's output error where it is used.
+    ``read_rows(name, rows)``: rows of a checkpoint tensor (the embedding is never read whole here)."""
     seqs = [np.asarray(p) for p in ids]
     tables = [rope.cos_sin(spec.head_dim, spec.rope_theta, spec.rope_scaling, np.arange(len(s))) for s in seqs]
     used = np.unique(np.concatenate(seqs))
     embed_name = spec.tensor_name("embed")
-    rows = np.asarray(weights(embed_name), np.float32)[used]
+    rows = np.asarray(read_rows(embed_name, used), np.float32)
     hs = [rows[np.searchsorted(used, s)] for s in seqs]
     per = {}
     for i in range(spec.num_layers):
