@@ -26,6 +26,7 @@ from .manifest import build_manifest, write_tokenizer
 from .options import MAX_KL, MIN_TOP1, ExportOptions, check_context, check_options  # noqa: F401  (the API's names)
 from .quantize import QuantizedWeights, needs_calibration
 from .targets import get_target, scorer
+from .tensor_loss import record_tensor_losses
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def export(checkpoint, out, options: ExportOptions = ExportOptions(),
         lowered = target.lower(ckpt.spec, weights, staging, variant=variant, options=options, calibration=calibration)
         write_tokenizer(ckpt.tokenizer, staging, ckpt.path)
         manifest = build_manifest(ckpt, options, target, variant, rules, weights, lowered)
+        record_tensor_losses(staging, manifest, ckpt, options.tensor_loss)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
         write_manifest(staging, manifest)
         if options.verify:

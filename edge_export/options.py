@@ -83,6 +83,7 @@ class ExportOptions:
     overwrite: bool = False
     threads: int | None = None
     via: str | None = None  # another exporter (EXPORTERS): optimum, for architectures outside the registry
+    tensor_loss: str = "auto"  # a GGUF tensor not carried exactly: kl | relative_output_error | auto (tensor_loss.py)
     ort: OrtOptions = field(default_factory=OrtOptions)
     qnn: QnnOptions = field(default_factory=QnnOptions)
     tensorrt: TensorrtOptions = field(default_factory=TensorrtOptions)

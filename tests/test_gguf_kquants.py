@@ -228,7 +228,9 @@ def test_r1_tiny_artifact_stores_exactly_gguf_pys_values(r1_tiny_tokenized, tmp_
         if len(shape) == 1:
             continue
         assert records[name]["source_type"] in PRESETS[preset] and records[name]["source"] != "requantized"
+        assert records[name]["exact"] is True and "loss" not in records[name], name
         assert np.array_equal(stored(name), gguf_py_tensor(path, name, ckpt)), name
+    assert "tensor_loss" not in manifest["quantization"]
 
 
 def test_coreml_carries_the_codes_and_rounds_only_scales_to_fp16(r1_tiny_q4km, tmp_path):
@@ -247,6 +249,10 @@ def test_coreml_carries_the_codes_and_rounds_only_scales_to_fp16(r1_tiny_q4km, t
         assert (manifest["weights"][name]["offset"] is not None) == (records[name]["source_type"] == "Q4_K"), name
         expected = gguf_py_tensor(path, name, ckpt)
         assert np.allclose(stored(name), expected, rtol=0, atol=np.abs(expected).max() * 2e-3), name
+        # not bit for bit, so the record says so and names the loss of that tensor alone
+        assert records[name]["exact"] is False and 0 < records[name]["loss"]["kl"] < 1e-6, name
+        assert 0 < records[name]["loss"]["relative_weight_error"] < 1e-3, name
+    assert manifest["quantization"]["tensor_loss"]["measure"] == "kl"
 
 
 def test_tensorrt_and_qnn_requantize_and_say_so(r1_tiny_q4km, tmp_path):
@@ -256,10 +262,13 @@ def test_tensorrt_and_qnn_requantize_and_say_so(r1_tiny_q4km, tmp_path):
     path = r1_tiny_q4km
     q = "model.layers.0.self_attn.q_proj.weight"
     records = _export(path, tmp_path / "trt", target="tensorrt")["quantization"]["tensors"]
-    assert records[q] == {**records[q], "source": "requantized", "source_type": "Q4_K"}
+    assert records[q] == {**records[q], "source": "requantized", "source_type": "Q4_K", "exact": False}
     assert records[q]["scheme"]["method"] == "rtn"
     records = _export(path, tmp_path / "qnn", target="onnx", variant="qnn")["quantization"]["tensors"]
-    assert records[q] == {**records[q], "source": "requantized", "source_type": "Q4_K", "requantized_by": "onnx/qnn"}
+    assert records[q] == {**records[q], "source": "requantized", "source_type": "Q4_K", "requantized_by": "onnx/qnn",
+                          "exact": False}
+    # a 4-bit code re-rounded: a weight error of several percent, and its own KL
+    assert records[q]["loss"]["kl"] > 0 and records[q]["loss"]["relative_weight_error"] > 0.01
 
 
 def test_unsupported_type_names_the_tensor_and_honest_advice(tmp_path):

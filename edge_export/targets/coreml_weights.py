@@ -8,6 +8,13 @@ zero points, int8 as int8 (GGUF Q5_0 / Q6_K / ... codes included); GGUF blocks w
 (``d * (q - z) + r``: Q4_1 / Q4_K as uint4, Q5_1 / Q5_K / Q2_K as int8) with the float offset
 ``z - r/d``. Scales and float offsets are float16, as the fp16 program computes: a K-quant's
 group scale (fp16 times a 6-bit integer) is rounded there, its codes are carried as they are.
+
+iOS 18 also takes float32 scales (the op's output type is then float32), which would store a
+K-quant's scale exactly; but the program computes in float16, so that float32 weight would be cast
+to float16 before any matmul uses it: every weight Core ML computes with is rounded to float16
+either way, for twice the scale bytes. So the scales stay float16, and the export records each such
+tensor as inexact with its own loss (edge_export/tensor_loss.py): on llama.cpp's SmolLM2 Q4_K_M,
+a KL of at most 1.9e-7 per tensor (benchmarks/results/tensor_loss_smollm2.json).
 """
 from __future__ import annotations
 
