@@ -180,7 +180,7 @@ def _kl(spec, weights, stored, tensors: list[Tensor], ids: list, tokens: int) ->
     greedy, _ = LayerMajorScorer(spec, weights, hold=False).greedy(ids, tokens)
     seqs = [np.asarray(p + g[:-1]) for p, g in zip(ids, greedy)]
     scored = [slice(len(p) - 1, len(s)) for p, s in zip(ids, seqs)]
-    tables = [rope.cos_sin(spec.head_dim, spec.rope_theta, spec.rope_scaling, np.arange(len(s))) for s in seqs]
+    tables = [rope.Rope.for_spec(spec).tables(np.arange(len(s))) for s in seqs]
     reference = _Model(spec, weights)
     ref_lp = reference.log_probs(reference.layers([reference.embed(s) for s in seqs], tables, 0), scored)
     per = {}
@@ -212,7 +212,7 @@ def _output_errors(spec, weights, stored, tensors: list[Tensor], ids: list, read
     """One reference pass over the prompts' own tokens; each tensor's output error where it is used.
     ``read_rows(name, rows)``: rows of a checkpoint tensor (the embedding is never read whole here)."""
     seqs = [np.asarray(p) for p in ids]
-    tables = [rope.cos_sin(spec.head_dim, spec.rope_theta, spec.rope_scaling, np.arange(len(s))) for s in seqs]
+    tables = [rope.Rope.for_spec(spec).tables(np.arange(len(s))) for s in seqs]
     used = np.unique(np.concatenate(seqs))
     embed_name = spec.tensor_name("embed")
     rows = np.asarray(read_rows(embed_name, used), np.float32)
