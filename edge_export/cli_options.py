@@ -97,6 +97,10 @@ EXPORT_OPTIONS = [
     click.option("--calibration", type=click.Path(dir_okay=False),
                  help="JSONL of prompts or messages (AWQ/GPTQ; fp8 activation, int8 KV-cache and qnn activation "
                       "scales)."),
+    click.option("--tensor-loss", type=click.Choice(["auto", "kl", "relative_output_error"]), default="auto",
+                 show_default=True,
+                 help="A GGUF tensor the target does not carry bit for bit: measure its own loss as the KL with only "
+                      "it replaced, or its relative output error (auto: KL while it stays cheap)."),
     click.option("--no-verify", is_flag=True, help="Skip checking the artifact against the reference decoder."),
     click.option("--max-kl", type=float, help=f"Verification threshold on kl_mean (default {MAX_KL})."),
     click.option("--min-top1", type=float, help=f"Verification threshold on top1_agreement (default {MIN_TOP1})."),

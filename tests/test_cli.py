@@ -126,3 +126,18 @@ def test_targets_command():
     if importlib.util.find_spec("tensorrt") is None:
         assert trt["runs_here"] is False and "TensorRT" in trt["why_not"]
     assert "onnx/ort" in run("targets").output
+
+
+def test_tensor_loss_flag_reaches_the_options(tmp_path):
+    """--tensor-loss is parsed into ExportOptions.tensor_loss; an unknown measure is one line, exit 2."""
+    out = CliRunner().invoke(main, ["export", "smollm2-135m", "-o", str(tmp_path / "a"), "--tensor-loss", "bogus"])
+    assert out.exit_code == 2 and "--tensor-loss" in out.output and "Traceback" not in out.output
+    from edge_export.cli_options import options_from_cli
+    from edge_export.options import ExportOptions
+    defaults = {"target": "onnx", "variant": None, "quant": "int4", "method": None, "head": "int8",
+                "group_size": "32", "asymmetric": False, "clip_search": False, "act_order": False,
+                "max_context": 2048, "kv_cache": None, "accuracy_level": "4", "soc": None, "prefill_chunk": 64,
+                "opt_tokens": 128, "device": None, "fp8_activations": None, "calibration": None,
+                "tensor_loss": "kl", "no_verify": False, "max_kl": None, "min_top1": None, "overwrite": False,
+                "via": None}
+    assert options_from_cli(defaults) == ExportOptions(tensor_loss="kl")
