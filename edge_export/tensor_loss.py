@@ -34,7 +34,7 @@ from runtimes import rope
 from runtimes.reference import LayerWeights, layer_forward, rms_norm
 
 from .errors import ExportError
-from .verify import HOLD_BYTES, LayerMajorScorer, encode_prompts, load_prompts
+from .verify import HOLD_BYTES, LayerMajorScorer, encode_prompts, load_prompts, memoize
 
 log = logging.getLogger(__name__)
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -103,7 +103,7 @@ def measure_losses(ckpt, stored: Callable, names: list[str], measure: str = "aut
     if measure not in MEASURES:
         raise ExportError(f"tensor loss measure '{measure}' is not one of {', '.join(MEASURES)}")
     spec = ckpt.spec
-    weights = _held(ckpt.tensor) if spec.parameter_count * 4 <= HOLD_BYTES else ckpt.tensor
+    weights = memoize(ckpt.tensor) if spec.parameter_count * 4 <= HOLD_BYTES else ckpt.tensor
     ids = encode_prompts(ckpt.tokenizer, load_prompts(None))[:prompts]
     tensors = [_locate(spec, name) for name in names]
     chosen, why = choose_measure(spec, tensors, ids, tokens) if measure == "auto" else (measure, "asked for")
@@ -258,13 +258,3 @@ def _global_output_error(spec, t: Tensor, weights, new: np.ndarray, x: np.ndarra
 def _relative(diff: np.ndarray, base: np.ndarray) -> float:
     norm = float(np.linalg.norm(np.asarray(base, np.float64)))
     return float(np.linalg.norm(np.asarray(diff, np.float64)) / norm) if norm else 0.0
-
-
-def _held(weights: Callable) -> Callable:
-    held: dict[str, np.ndarray] = {}
-
-    def get(name: str) -> np.ndarray:
-        if name not in held:
-            held[name] = np.asarray(weights(name), dtype=np.float32)
-        return held[name]
-    return get

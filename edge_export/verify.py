@@ -104,7 +104,7 @@ class LayerMajorScorer:
         if hold is None:
             hold = spec.parameter_count * 4 <= HOLD_BYTES
         self.hold = hold
-        self.weights = _memoize(weights) if hold else weights
+        self.weights = memoize(weights) if hold else weights
         # rows(name, slice) reads part of a tensor (a Checkpoint's tensor does): embeddings are
         # gathered and lm_head applied a vocabulary chunk at a time instead of whole in float32
         self.rows = None if hold else rows
@@ -250,7 +250,8 @@ def perplexity(scorer, ids: list[int], window: int = PPL_WINDOW) -> float:
     return float(np.exp(nll / max(count, 1)))
 
 
-def _memoize(weights):
+def memoize(weights):
+    """``weights(name)`` that keeps each float32 tensor after its first read."""
     held: dict[str, np.ndarray] = {}
 
     def get(name: str) -> np.ndarray:
