@@ -521,3 +521,14 @@ def test_keep_carries_blocks_and_head_int4_requantizes_the_q8_0_head(smollm2):
     assert head.scheme == {**head.scheme, "scheme": "int4", "group_size": 64, "method": "rtn"}
     assert asked.records[embed].source == "requantized"
     assert asked.get(q).scheme["method"] == "keep" and asked.records[q].source == "decomposed"
+
+
+def test_phi3_gguf_is_refused_with_the_way_out(tmp_path):
+    """llama.cpp's phi3 GGUFs (fused qkv, rope factor tensors) are not read: one line that names the
+    architecture and points at the HF checkpoint, which is read."""
+    path = tmp_path / "phi.gguf"
+    write_tiny_gguf(path, extra={"general.architecture": ("phi3", gguf.GGUFValueType.STRING)})
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"GGUF architecture 'phi3' is not supported \(supported: llama, qwen2, qwen3\); export "
+                             r"the model's HF checkpoint instead .* Phi3ForCausalLM"):
+        GGUFCheckpoint(path)

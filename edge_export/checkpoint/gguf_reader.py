@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from runtimes import rope
-from runtimes.models import GLOBAL_TENSORS, LAYER_TENSORS, ModelSpec, get_architecture
+from runtimes.models import GLOBAL_TENSORS, LAYER_TENSORS, ModelSpec, get_architecture, supported_architectures
 from runtimes.models.decoder import GGUF_GLOBAL_TENSORS, GGUF_LAYER_TENSORS
 from runtimes.tokenizer import ChatTokenizer
 
@@ -64,7 +64,8 @@ class _Metadata:
         if self.arch not in GGUF_ARCHITECTURES:
             raise UnsupportedArchitectureError(
                 f"{source}: GGUF architecture {arch!r} is not supported "
-                f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+                f"(supported: {', '.join(GGUF_ARCHITECTURES)}); export the model's HF checkpoint instead "
+                f"(config.json + safetensors), which is read for {', '.join(supported_architectures())}")
 
     def number(self, key: str, kind=int, required: bool = False):
         full = f"{self.arch}.{key}"
