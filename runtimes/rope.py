@@ -41,7 +41,8 @@ class Rope:
         """cos and sin [len(positions), dim/2] (float32) for one forward over ``positions``, whose
         sequence is ``total`` long (default: the last position + 1)."""
         positions = np.asarray(positions)
-        total = int(positions.max()) + 1 if total is None and positions.size else int(total or 0)
+        if total is None:
+            total = int(positions.max()) + 1 if positions.size else 0
         return self.table(positions, long=self.switch is not None and total > self.switch)
 
     def table(self, positions, long: bool = False) -> tuple[np.ndarray, np.ndarray]:
