@@ -136,6 +136,14 @@ TARGETS: dict[str, TargetCapabilities] = {t.name: t for t in (
         "block-wise int4/int8 weights; predicts on macOS only",
         ("fp16", "int8", "int4"), ("float16",), False, {"*": "fp16"},
         frozenset({"symmetric"}), "coreml-module", {IPHONE: CORE_ML_GPU, MAC: CORE_ML_GPU}),
+    # the same program, traced from a torch module and converted by coremltools: a cross-check of the
+    # builder on small models (it holds the whole model in float32), not a deployment choice of its own
+    TargetCapabilities(
+        "coreml/traced", "coreml", "traced",
+        "the `mlprogram` program traced from a float32 torch module and converted by coremltools (whose "
+        "numerics cross-check the MIL builder's); needs the whole model in float32 memory",
+        ("fp16", "int8", "int4"), ("float16",), False, {"*": "fp16"},
+        frozenset({"symmetric"}), "coreml-module", default_variant=False),
     TargetCapabilities(
         "tensorrt", "tensorrt", "explicit",
         "the portable graph in fp16 (activations and KV cache) with TensorRT's explicit quantization: "

@@ -1,6 +1,10 @@
-"""The `coreml` target, variant `mlprogram`: an ML Program for iOS 18 / macOS 15.
+"""The `coreml` target: an ML Program for iOS 18 / macOS 15, in two variants.
 
-checkpoint weights -> our quantizer's QuantizedTensors -> their Core ML stored form
+`mlprogram` (the default) builds the program op by op with coremltools' MIL builder from the
+decoder description (coreml_mil.py): weights go from the quantizer to the package one tensor at a
+time, so a 7B model exports in about the memory of one tensor.
+
+`traced`: checkpoint weights -> our quantizer's QuantizedTensors -> their Core ML stored form
 (coreml_weights.py) -> the decoder module built from exactly those values (coreml_torch.py) ->
 torch.jit.trace -> coremltools (fp16 compute, KV cache as state, flexible query length) -> each
 weight const swapped for a constexpr_blockwise_shift_scale holding our codes and scales ->
@@ -31,8 +35,78 @@ PACKAGE = "model.mlpackage"
 INSTALL = "pip install coremltools==9.0 torch==2.13.0 'numpy<=2.3.5'"
 
 
-def lower_mlprogram(spec, weights, folder: Path, variant: str, options, calibration=None) -> dict:
+def lower(spec, weights, folder: Path, variant: str, options, calibration=None) -> dict:
     """Write model.mlpackage into ``folder``; return the manifest's graph, weights and backend."""
+    return {"mlprogram": lower_built, "traced": lower_traced}[variant](spec, weights, folder, options)
+
+
+def lower_built(spec, weights, folder: Path, options) -> dict:
+    """`--variant mlprogram`: the program built with the MIL builder (coreml_mil.py)."""
+    ct, _ = _import(torch=False)
+    from .coreml_mil import build_program, save_program
+    from .coreml_weights import weights_table
+
+    clock = _Clock()
+    with _quiet():
+        program, packed, spill = build_program(spec, weights, folder, options.max_context)
+        clock.lap("quantized and built")
+        try:
+            save_program(program, spill, folder / PACKAGE,
+                         f"{spec.architecture} decoder, KV cache as state, max context {options.max_context}")
+            clock.lap("saved")
+            table = weights_table(folder / PACKAGE, PACKAGE, packed)
+            _check_spilled(folder, table, spill)
+            clock.lap("weights read back and checked")
+        finally:
+            spill.path.unlink(missing_ok=True)
+    log.info("coreml: %s", clock)
+    return {"graph": _graph(ct, folder / PACKAGE, spec, options.max_context), "weights": table, "backend": "coreml"}
+
+
+def _check_spilled(folder: Path, table: dict, spill) -> None:
+    """The bytes runtimes reads from weight.bin must be exactly the stored forms the builder wrote:
+    each blob the weights table points at, compared with the spill file byte for byte, one blob at
+    a time (a 4-bit one as its two-a-byte packing)."""
+    from runtimes.weights import ArtifactWeights
+
+    from .coreml_weights import _op_name
+    weights = ArtifactWeights(_table_artifact(folder, table))
+    for name, entry in table.items():
+        tag = _op_name(name)
+        consts = ({"data": f"{tag}_data", "scale": f"{tag}_scale", "offset": f"{tag}_offset"}
+                  if entry["format"] != "float" else {"data": tag})
+        for key, const in consts.items():
+            ref = entry.get(key)
+            if ref is None and const not in spill.entries:
+                continue
+            if ref is None or const not in spill.entries:
+                raise ExportError(f"tensor {name}: its {key} is missing from {PACKAGE} or from what the builder wrote")
+            written = spill.read(const).reshape(-1)
+            if ref.get("packed"):
+                written = _two_a_byte(written)
+            stored = weights.raw(dict(ref, shape=[-1])).reshape(-1)
+            if not np.array_equal(stored.view(np.uint8), written.view(np.uint8)):
+                raise ExportError(f"tensor {name}: the {key} read back from {PACKAGE} differs from what the builder "
+                                  "wrote; the package is not what was quantized")
+
+
+def _two_a_byte(values: np.ndarray) -> np.ndarray:
+    """4-bit values (int4 as -8..7 or uint4 as 0..15) packed two a byte, low nibble first."""
+    nibbles = (values.astype(np.uint8) & 0x0F)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def _table_artifact(folder: Path, table: dict):
+    from runtimes.artifact import Artifact
+    files = {entry["file"]: {} for e in table.values() for entry in _refs(e)}
+    return Artifact(folder, {"weights": table, "files": files})
+
+
+def lower_traced(spec, weights, folder: Path, options) -> dict:
+    """`--variant traced`: the torch module traced and converted by coremltools, its weight consts
+    swapped for our stored forms; a cross-check of the builder whose numerics are coremltools' own."""
     ct, torch = _import()
     from .coreml_torch import CoreMLDecoder
     from .coreml_weights import pack_weight, replace_weight_consts, weights_table
@@ -69,13 +143,15 @@ class _Clock:
         return ", ".join(self.laps)
 
 
-def _import():
+def _import(torch: bool = True):
     try:
         with _quiet():
             import coremltools as ct
-            import torch
+            if torch:
+                import torch
     except ImportError as e:
-        raise ExportError(f"--target coreml needs coremltools and torch ({e.name} is missing): {INSTALL}") from e
+        raise ExportError(f"--target coreml needs coremltools{' and torch' if torch else ''} ({e.name} is missing): "
+                          f"{INSTALL}") from e
     return ct, torch
 
 
@@ -132,11 +208,9 @@ def _convert(ct, torch, module, spec, max_context: int):
 
 def _check_read_back(folder: Path, table: dict, module) -> None:
     """What runtimes reads from weight.bin must be exactly what the converted module computed with."""
-    from runtimes.artifact import Artifact
     from runtimes.weights import ArtifactWeights
 
-    files = {entry["file"]: {} for e in table.values() for entry in _refs(e)}
-    weights = ArtifactWeights(Artifact(folder, {"weights": table, "files": files}))
+    weights = ArtifactWeights(_table_artifact(folder, table))
     for name, param in module.linear_weights().items():
         if not np.array_equal(weights(name), param.detach().numpy()):
             raise ExportError(f"tensor {name}: the weights read back from {PACKAGE} differ from the converted "
@@ -148,8 +222,8 @@ def _refs(entry: dict) -> list[dict]:
 
 
 def _graph(ct, package: Path, spec, max_context: int) -> dict:
+    from .coreml_mil import KEY_CACHE, VALUE_CACHE
     from .coreml_weights import op_histogram
-    from .coreml_torch import KEY_CACHE, VALUE_CACHE
 
     model_spec = ct.utils.load_spec(str(package))
     cache = [spec.num_layers, 1, spec.num_kv_heads, max_context, spec.head_dim]
@@ -190,4 +264,4 @@ def _available() -> tuple[bool, str]:
 
 register_scorer("coreml-module", verify_scorer)
 register_target(Target(name="coreml", needs="coremltools and torch to export (any OS); macOS 15+ to run",
-                       lower=lower_mlprogram, available=_available, backend="coreml"))
+                       lower=lower, available=_available, backend="coreml"))

@@ -27,8 +27,8 @@ from runtimes.backends.coreml import causal_mask
 from runtimes.models import describe, layer_keys
 
 from ..verify import RuntimeScorer, log_softmax
+from .coreml_mil import KEY_CACHE, VALUE_CACHE  # noqa: F401 (the Core ML state names)
 
-KEY_CACHE, VALUE_CACHE = "key_cache", "value_cache"  # the Core ML state names
 NORM_FLOOR = 1.0  # rms_norm's pre-scale is max|x| but at least this, so eps / scale**2 <= eps
 
 
