@@ -143,7 +143,7 @@ def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
     from .verify import FixedReference, LayerMajorScorer, RuntimeScorer, compare, encode_prompts, load_prompts
     prompts = encode_prompts(ckpt.tokenizer, load_prompts(options.prompts))
     reference = LayerMajorScorer(ckpt.spec, ckpt.tensor, rows=lambda name, rows: ckpt.tensor(name, rows=rows))
-    ref_tokens, ref_logprobs = reference.greedy(prompts, 32)
+    ref_tokens, ref_logprobs = reference.greedy(prompts, options.verify_tokens)
     del reference
     from runtimes.artifact import read_manifest
     artifact = read_manifest(folder, staging_ok=True)
@@ -155,7 +155,8 @@ def verify_artifact(folder: Path, ckpt, options: ExportOptions) -> dict:
         runtime = runtimes.Runtime(artifact, runtimes.get_backend(artifact.manifest["backend"])(
             artifact, threads=options.threads))
         candidate = RuntimeScorer(runtime.backend)
-    figures = compare(FixedReference(ref_tokens, ref_logprobs), candidate, prompts).to_dict()
+    figures = compare(FixedReference(ref_tokens, ref_logprobs), candidate, prompts, options.verify_tokens).to_dict()
+    figures["new_tokens"] = options.verify_tokens
     if getattr(candidate, "verified_with", None):
         figures["verified_with"] = candidate.verified_with
     return figures

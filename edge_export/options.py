@@ -79,7 +79,8 @@ class ExportOptions:
     verify: bool = True
     max_kl: float = MAX_KL
     min_top1: float = MIN_TOP1
-    prompts: str | None = None
+    prompts: str | None = None  # JSONL replacing the built-in verification prompts
+    verify_tokens: int = 32  # tokens verification decodes after each prompt
     overwrite: bool = False
     threads: int | None = None
     via: str | None = None  # another exporter (EXPORTERS): optimum, for architectures outside the registry
