@@ -1,8 +1,10 @@
-"""The README's memory table from benchmarks/memory_1p5b.sh's measurements (memory_1p5b.jsonl).
+"""The README's memory tables: benchmarks/memory_1p5b.sh's measurements (memory_1p5b.jsonl) and
+benchmarks/memory_7b.sh's (memory_<preset>.jsonl, one a full-size 7B/8B fixture).
 
-    python3 benchmarks/memory_table.py      # writes benchmarks/results/memory_1p5b.md
+    python3 benchmarks/memory_table.py      # writes benchmarks/results/memory_*.md
 
-Peak RSS is /usr/bin/time -v's maximum resident set size, KiB / 1024: MiB.
+Peak RSS is /usr/bin/time -v's maximum resident set size: KiB / 1024 (MiB) in the 1.5B table,
+KiB / 1024**2 (GiB) in the 7B ones.
 """
 from __future__ import annotations
 
@@ -40,11 +42,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def big_markdown(rows: list[dict]) -> str:
+    """A memory_7b.sh table: the last measurement of each job, in the order first measured."""
+    by_label = {r["label"]: r for r in rows}
+    lines = ["| job | peak RSS GiB | wall | verification | |", "| --- | --- | --- | --- | --- |"]
+    for label, r in by_label.items():
+        v = r.get("verification") or {}
+        checked = (f"kl_mean {v['kl_mean']:.4f}, top-1 {v['top1_agreement']:.3f} ({v['prompts']} prompts x "
+                   f"{v.get('new_tokens', 32)} tokens)" if v else "-")
+        outcome = "ok" if r["exit"] == 0 else f"failed (exit {r['exit']}): {r['last_line']}"
+        lines.append(f"| {label} | {r['peak_rss_gib']:.2f} | {wall(r['wall']) if r['wall'] else '-'} | {checked} | "
+                     f"{outcome} |")
+    return "\n".join(lines) + "\n"
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def main() -> None:
-    rows = [json.loads(line) for line in (RESULTS / "memory_1p5b.jsonl").read_text().splitlines() if line.strip()]
     out = RESULTS / "memory_1p5b.md"
-    out.write_text(markdown(rows))
+    out.write_text(markdown(_rows(RESULTS / "memory_1p5b.jsonl")))
     print(out)
+    for path in sorted(RESULTS.glob("memory_*.jsonl")):
+        if path.stem != "memory_1p5b":
+            out = path.with_suffix(".md")
+            out.write_text(big_markdown(_rows(path)))
+            print(out)
 
 
 if __name__ == "__main__":

@@ -67,10 +67,7 @@ def _check_spilled(folder: Path, table: dict, spill) -> None:
     """The bytes runtimes reads from weight.bin must be exactly the stored forms the builder wrote:
     each blob the weights table points at, compared with the spill file byte for byte, one blob at
     a time (a 4-bit one as its two-a-byte packing)."""
-    from runtimes.weights import ArtifactWeights
-
     from .coreml_weights import _op_name
-    weights = ArtifactWeights(_table_artifact(folder, table))
     for name, entry in table.items():
         tag = _op_name(name)
         consts = ({"data": f"{tag}_data", "scale": f"{tag}_scale", "offset": f"{tag}_offset"}
@@ -84,10 +81,17 @@ def _check_spilled(folder: Path, table: dict, spill) -> None:
             written = spill.read(const).reshape(-1)
             if ref.get("packed"):
                 written = _two_a_byte(written)
-            stored = weights.raw(dict(ref, shape=[-1])).reshape(-1)
-            if not np.array_equal(stored.view(np.uint8), written.view(np.uint8)):
+            if not np.array_equal(_read_bytes(folder / ref["file"], ref), written.view(np.uint8)):
                 raise ExportError(f"tensor {name}: the {key} read back from {PACKAGE} differs from what the builder "
                                   "wrote; the package is not what was quantized")
+
+
+def _read_bytes(path: Path, ref: dict) -> np.ndarray:
+    """The bytes a weights-table reference points at, read (not memory-mapped: a 7B package's
+    mapped pages would count toward the export's resident memory as it walks them)."""
+    with open(path, "rb") as f:
+        f.seek(int(ref["offset"]))
+        return np.frombuffer(f.read(int(ref["length"])), np.uint8)
 
 
 def _two_a_byte(values: np.ndarray) -> np.ndarray:
