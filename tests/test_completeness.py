@@ -18,7 +18,8 @@ TESTS = pathlib.Path(__file__).parent
 # where each declared target/variant is exercised end to end (test_target_options.py checks, for every
 # declaration, that what it does not honour is refused)
 TARGET_TESTS = {"onnx/ort": "test_export.py", "onnx/portable": "test_gguf_kquants.py", "onnx/qnn": "test_onnx_qnn.py",
-                "tensorrt": "test_tensorrt.py", "coreml": "test_coreml.py"}
+                "tensorrt": "test_tensorrt.py", "coreml": "test_coreml.py",
+                "coreml/traced": "test_coreml_mil.py"}
 # backends that generate only on a platform that may be absent: (is it absent here, the reason)
 PLATFORM_ONLY = {"tensorrt": (lambda: importlib.util.find_spec("tensorrt") is None, NO_TENSORRT)}
 

@@ -504,11 +504,10 @@ def test_every_export_target_declares_its_capabilities():
     """Plan and the estimator read runtimes.capabilities: a target export can produce without a
     declaration there could never be planned or estimated."""
     from edge_export.targets import all_targets
-    from runtimes.capabilities import TARGETS
+    from runtimes.capabilities import TARGETS, capabilities_of
     for target in all_targets():
-        names = [f"{target.name}/{v}" for v in target.variants] if len(target.variants) > 1 else [target.name]
-        for name in names:
-            capabilities = get_capabilities(name)
+        for variant in target.variants:
+            capabilities = get_capabilities(capabilities_of(target.name, variant).name)
             assert capabilities.kv_caches and capabilities.compute_precision("int4")
     assert [name for name, t in TARGETS.items() if "int8" in t.kv_caches] == ["onnx/ort"]
     assert all(engine.why for t in TARGETS.values() for engine in t.engines.values())

@@ -22,7 +22,8 @@ SET_FLAGS = {"symmetric": ["--asymmetric"], "fp8_activations": ["--fp8-activatio
              "prefill_chunk": ["--prefill-chunk", "32"], "opt_tokens": ["--opt-tokens", "64"]}
 # A device profile of a kind each target has no engine on (and does not run as another target there).
 FOREIGN_DEVICE = {"onnx/ort": "apple-a18-pro", "onnx/portable": "apple-a18-pro", "onnx/qnn": "jetson-orin-nano-8gb",
-                  "coreml": "snapdragon-8-gen3", "tensorrt": "apple-m4"}
+                  "coreml": "snapdragon-8-gen3", "coreml/traced": "snapdragon-8-gen3",
+                  "tensorrt": "apple-m4"}
 DECLARED = sorted(TARGETS)
 
 

@@ -120,8 +120,9 @@ def capabilities_markdown() -> str:
     rows = [TABLE_BEGIN, "| target/variant | --quant | KV cache (first: default) | options of its own | "
             "verified by | runs on (device kind: engine) |", "| --- | --- | --- | --- | --- | --- |"]
     for caps in TARGETS.values():
-        engines = ", ".join(f"{kind}: {e.engine}" for kind, e in caps.engines.items()) or "as " + " or ".join(
-            RUNS_AS.get(caps.name, ()))
+        runs_as = RUNS_AS.get(caps.name, ())
+        engines = (", ".join(f"{kind}: {e.engine}" for kind, e in caps.engines.items())
+                   or ("as " + " or ".join(runs_as) if runs_as else "none: a cross-check, not offered by plan"))
         rows.append(f"| `{caps.name}` | {', '.join(caps.quants)} | "
                     f"{', '.join(short.get(k, k) for k in caps.kv_caches)}{' (static)' if caps.static_kv else ''} | "
                     f"{', '.join(f'`{FLAGS[o]}`' for o in sorted(caps.honours)) or '-'} | {caps.scorer} | {engines} |")
