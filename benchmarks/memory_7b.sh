@@ -54,7 +54,8 @@ for job in $JOBS; do
         --verify-tokens 16 --max-kl 100 --min-top1 0 ;;
     genai)
       if [ -x "$PEERS/venv-build/bin/python" ]; then
-        measure "onnxruntime-genai builder int4 (cpu)" \
+        # capped (GENAI_CAP_GIB, default 16): on 24 GiB it would otherwise take the machine's other jobs down with it
+        measure "onnxruntime-genai builder int4 (cpu)" python3 "$HERE/rss_cap.py" "${GENAI_CAP_GIB:-16}" \
           "$PEERS/venv-build/bin/python" -m onnxruntime_genai.models.builder -i "$FIX" -o "$ART" -p int4 -e cpu \
           -c "$ART-genai-cache"
       else
