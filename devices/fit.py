@@ -12,9 +12,12 @@ or all with one layer count) borrows ``layer_s`` from the classes that fit one, 
 Points of another software stack in a class (``PublishedPoint.stack``: llama.cpp on a Jetson GPU)
 get their own efficiency and share the class's ``layer_s``; estimates use the class's own stack.
 
-Prefill runs at a compute rate fitted per (engine class, compute precision) as FLOP per byte of
-the device's bandwidth; where a class has no published prefill figure, the rate is the share of
-a published peak that the points on devices with published peaks reach, pooled across classes.
+The time to the first token adds one decode step's weight pass and fixed cost (a prefill reads
+every weight and goes through every layer once) to the prompt's FLOPs at a compute rate fitted per
+(engine class, compute precision) as FLOP per byte of the device's bandwidth, each point's rate net
+of its own weight pass and fixed cost; where a class has no published prefill figure, the rate is
+the share of a published peak that the points on devices with published peaks reach, pooled across
+classes.
 
 Ranges: each class carries the leave-one-out log residuals of its calibration points (each point
 against a fit of the class's others); with fewer than three the residuals of every class are
