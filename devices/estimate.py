@@ -1,8 +1,8 @@
 """The estimator, and ``--device estimate:PROFILE``, which answers a benchmark from a spec sheet.
 
 A decode step costs a fixed time per layer plus the bytes it reads (weights streamed per token
-and the KV cache so far) at the engine's share of the device's bandwidth; prefill costs its FLOPs
-at a compute rate for the precision the graph computes in. Both are calibrated per engine class
+and the KV cache so far) at the engine's share of the device's bandwidth; prefill costs one such
+weight pass and fixed cost plus its FLOPs at a compute rate for the precision the graph computes in. Both are calibrated per engine class
 on published measurements (devices/fit.py, devices/calibration.py), and each figure carries a
 range from the calibration residuals. The engine is the one that really runs the target on that
 kind of device (runtimes.capabilities). Every result says how it was obtained, in ``method``.

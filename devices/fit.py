@@ -12,9 +12,12 @@ or all with one layer count) borrows ``layer_s`` from the classes that fit one, 
 Points of another software stack in a class (``PublishedPoint.stack``: llama.cpp on a Jetson GPU)
 get their own efficiency and share the class's ``layer_s``; estimates use the class's own stack.
 
-Prefill runs at a compute rate fitted per (engine class, compute precision) as FLOP per byte of
-the device's bandwidth; where a class has no published prefill figure, the rate is the share of
-a published peak that the points on devices with published peaks reach, pooled across classes.
+The time to the first token adds one decode step's weight pass and fixed cost (a prefill reads
+every weight and goes through every layer once) to the prompt's FLOPs at a compute rate fitted per
+(engine class, compute precision) as FLOP per byte of the device's bandwidth, each point's rate net
+of its own weight pass and fixed cost; where a class has no published prefill figure, the rate is
+the share of a published peak that the points on devices with published peaks reach, pooled across
+classes.
 
 Ranges: each class carries the leave-one-out log residuals of its calibration points (each point
 against a fit of the class's others); with fewer than three the residuals of every class are
@@ -107,9 +110,13 @@ def step_s(work: Workload, kv_tokens: int, layer_s: float, efficiency: float, ba
 
 
 def ttft_s(work: Workload, prompt_tokens: int, rate: float, layer_s: float, weight_pass_s: float) -> float:
-    """Seconds to the first token: the prefill's compute or one weight pass, whichever is longer,
-    plus the fixed cost of one pass through the layers (``rate`` in FLOP/s)."""
-    return max(prefill_flops(work.spec, prompt_tokens) / rate, weight_pass_s) + work.spec.num_layers * layer_s
+    """Seconds to the first token: one pass over the weights (``weight_pass_s``, bytes at the decode
+    kernels' bandwidth), the fixed cost of one pass through the layers, and the prompt's FLOPs at the
+    calibrated compute rate (``rate`` in FLOP/s). The terms add: a short prompt costs about a decode
+    step plus its FLOPs, a long one is dominated by its FLOPs (a prefill engine does not hide the
+    weight reads behind the compute at batch sizes this small, and a max() of the two priced a
+    19-token TensorRT prefill at one decode step, 41% short)."""
+    return weight_pass_s + work.spec.num_layers * layer_s + prefill_flops(work.spec, prompt_tokens) / rate
 
 
 # ---- the fit ----------------------------------------------------------------------------------
@@ -246,14 +253,26 @@ def point_ttft_s(point: PublishedPoint) -> float | None:
     return None
 
 
+def point_weight_pass_s(point: PublishedPoint) -> float:
+    """Seconds of one pass over the point's weights (and the prompt's KV) at its stack's decode bandwidth."""
+    fit = class_fit(point.engine)
+    return step_s(point_workload(point), point.prompt_tokens, 0.0, point_efficiency(point, fit.efficiencies),
+                  point_bandwidth(point))
+
+
 def point_prefill_rate(point: PublishedPoint) -> float | None:
-    """The compute rate (FLOP/s) a published prefill implies, net of the fixed per-layer cost."""
+    """The compute rate (FLOP/s) a published prefill implies, net of one weight pass and the fixed
+    per-layer cost (ttft_s solved for its rate)."""
     ttft = point_ttft_s(point)
     if ttft is None:
         return None
     work = point_workload(point)
-    compute_s = ttft - work.spec.num_layers * class_fit(point.engine).layer_s
-    return prefill_flops(work.spec, point.prompt_tokens) / max(compute_s, 1e-6)
+    compute_s = ttft - work.spec.num_layers * class_fit(point.engine).layer_s - point_weight_pass_s(point)
+    if compute_s <= 0:
+        raise EstimateError(f"{point.label}: its published prefill ({ttft * 1000:.1f} ms) is shorter than one "
+                            "weight pass plus the fixed cost; it cannot calibrate a compute rate "
+                            "(devices/calibration.py)")
+    return prefill_flops(work.spec, point.prompt_tokens) / compute_s
 
 
 def _geomean(values: list[float]) -> float:
@@ -305,11 +324,10 @@ def prefill_rate_s(fit: PrefillFit, bandwidth: float, peak: float | None) -> flo
 
 def point_estimate_ttft_s(point: PublishedPoint) -> float:
     """The estimator's TTFT for a point's prompt on its device and engine class."""
-    fit, work, bandwidth = class_fit(point.engine), point_workload(point), point_bandwidth(point)
-    rate = prefill_rate_s(prefill_fit(point.engine, point.compute), bandwidth,
+    rate = prefill_rate_s(prefill_fit(point.engine, point.compute), point_bandwidth(point),
                           get_profile(point.device).peak_flops(point.compute))
-    weight_pass = step_s(work, point.prompt_tokens, 0.0, point_efficiency(point, fit.efficiencies), bandwidth)
-    return ttft_s(work, point.prompt_tokens, rate, fit.layer_s, weight_pass)
+    return ttft_s(point_workload(point), point.prompt_tokens, rate, class_fit(point.engine).layer_s,
+                  point_weight_pass_s(point))
 
 
 # ---- residuals and ranges -------------------------------------------------------------------------
