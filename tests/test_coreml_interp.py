@@ -151,8 +151,8 @@ def test_batched_equals_one_by_one(llama):
     a, b = together.teacher_forced(PROMPTS, CONTINUATIONS), alone.teacher_forced(PROMPTS, CONTINUATIONS)
     c = held.teacher_forced(PROMPTS, CONTINUATIONS)
     for x, y, z in zip(a, b, c):
-        np.testing.assert_allclose(x, y, atol=1e-5)
-        np.testing.assert_allclose(x, z, atol=1e-5)
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)  # float32 rounding: rows stacked or not
+        np.testing.assert_allclose(x, z, rtol=1e-5, atol=1e-4)
     assert together.greedy(PROMPTS, 12)[0] == alone.greedy(PROMPTS, 12)[0]
     # greedy without teacher forcing first decodes everything itself, and agrees
     assert ProgramScorer(package, 64, batch=2).greedy(PROMPTS, 12)[0] == alone.greedy(PROMPTS, 12)[0]
