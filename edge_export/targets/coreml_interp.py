@@ -163,7 +163,7 @@ class Interpreter:
     def run(self, inputs: list[dict], states: list[dict]) -> list[dict]:
         """One call of the program for each sequence: inputs[j] by name, states[j] updated in place;
         returns each sequence's outputs."""
-        p = self.program
+        p, op = self.program, None
         envs = []
         for given, state in zip(inputs, states):
             env = {name: np.asarray(given[name]).astype(dtype) for name, dtype in p.inputs.items()}
@@ -180,7 +180,8 @@ class Interpreter:
         except ExportError:
             raise
         except Exception as e:
-            raise ExportError(f"{p.package}: op {op.type} {op.name} failed in the interpreter: {e}") from e
+            where = f"op {op.type} {op.name}" if op is not None else "its inputs"
+            raise ExportError(f"{p.package}: {where} failed in the interpreter: {e}") from e
         finally:
             if not self.hold:
                 self.held.clear()
