@@ -223,14 +223,18 @@ class RuntimeScorer:
 # ---- metrics -------------------------------------------------------------------------------
 def compare(reference, candidate, prompts: list[list[int]], n_new: int = N_NEW) -> Figures:
     """Run the reference, then the candidate, on the same prompt ids. The candidate is scored one
-    prompt at a time, so only the reference's log-probs are held (a 150k vocabulary over 24 x 32
-    positions is 470 MB of float32 per copy)."""
+    prompt at a time, or ``candidate.batch`` prompts at a time where it runs sequences together
+    (the ML Program interpreter: one weight pass for all of them), so only the reference's
+    log-probs and a batch of the candidate's are held (a 150k vocabulary over 24 x 32 positions is
+    470 MB of float32 per copy)."""
     ref_tokens, ref_logprobs = reference.greedy(prompts, n_new)
     kls, agree = [], []
-    for p, tokens, rl in zip(prompts, ref_tokens, ref_logprobs):
-        cl = candidate.teacher_forced([p], [tokens])[0]
-        kls.extend((np.exp(rl.astype(np.float64)) * (rl - cl)).sum(axis=-1))
-        agree.extend(rl.argmax(-1) == cl.argmax(-1))
+    batch = max(1, int(getattr(candidate, "batch", 1)))
+    for first in range(0, len(prompts), batch):
+        part = slice(first, first + batch)
+        for rl, cl in zip(ref_logprobs[part], candidate.teacher_forced(prompts[part], ref_tokens[part])):
+            kls.extend((np.exp(rl.astype(np.float64)) * (rl - cl)).sum(axis=-1))
+            agree.extend(rl.argmax(-1) == cl.argmax(-1))
     cand_tokens, _ = candidate.greedy(prompts, n_new)
     matches = [_common_prefix(a, b) for a, b in zip(ref_tokens, cand_tokens)]
     return Figures(kl_mean=float(np.mean(kls)), top1_agreement=float(np.mean(agree)),

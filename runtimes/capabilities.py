@@ -49,7 +49,7 @@ class Engine:
 TARGET_OPTIONS = ("symmetric", "fp8_activations", "via", "accuracy_level", "soc", "prefill_chunk",
                   "opt_tokens")
 # Verification scorers a target names (edge_export/verify_scorers.py implements them).
-SCORERS = ("backend", "folded-dq", "qnn-static", "coreml-module")
+SCORERS = ("backend", "folded-dq", "qnn-static", "coreml-module", "coreml-program")
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ TARGETS: dict[str, TargetCapabilities] = {t.name: t for t in (
         "an ML Program (iOS 18 / macOS 15): KV cache as Core ML state (fp16), flexible query length, "
         "block-wise int4/int8 weights; predicts on macOS only",
         ("fp16", "int8", "int4"), ("float16",), False, {"*": "fp16"},
-        frozenset({"symmetric"}), "coreml-module", {IPHONE: CORE_ML_GPU, MAC: CORE_ML_GPU}),
+        frozenset({"symmetric"}), "coreml-program", {IPHONE: CORE_ML_GPU, MAC: CORE_ML_GPU}),
     # the same program, traced from a torch module and converted by coremltools: a cross-check of the
     # builder on small models (it holds the whole model in float32), not a deployment choice of its own
     TargetCapabilities(

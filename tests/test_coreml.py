@@ -60,7 +60,7 @@ def test_manifest_and_verification(smol):
     folder, manifest = smol
     assert (manifest["target"], manifest["variant"], manifest["backend"]) == ("coreml", "mlprogram", "coreml")
     figures = manifest["verification"]
-    assert figures["verified_with"] == "torch module converted to Core ML"
+    assert figures["verified_with"] == "ML Program interpreted in numpy"
     # the converted module against the float reference (the GGUF dequantized): fp16 scales and KV only
     assert figures["kl_mean"] < 0.01 and figures["top1_agreement"] >= 0.95, figures
     assert manifest["quantization"]["tensors"]["model.layers.0.self_attn.q_proj.weight"]["source"] == "decomposed"

@@ -11,8 +11,9 @@ weight const swapped for a constexpr_blockwise_shift_scale holding our codes and
 model.mlpackage -> the weights table read back from its weight.bin, checked against the module.
 
 Conversion runs anywhere coremltools does; prediction needs macOS 15. Where it cannot predict,
-the export is verified with the converted torch module (``verify_scorer``), and the manifest
-says so.
+the export is verified by interpreting the saved ML Program in numpy (``verify_program``,
+coreml_interp.py; the traced variant: with the converted torch module, ``verify_scorer``), and
+the manifest says which.
 """
 from __future__ import annotations
 
@@ -242,20 +243,39 @@ def _graph(ct, package: Path, spec, max_context: int) -> dict:
             "spec_version": model_spec.specificationVersion, "ops": op_histogram(model_spec)}
 
 
-def verify_scorer(artifact, options):
-    """What verifies the export (a verify.compare candidate): Core ML itself where it predicts
-    (macOS 15+); elsewhere the converted torch module over the package's own weights, read back
-    from weight.bin."""
+def _core_ml_scorer(artifact, options):
+    """Core ML itself, where it predicts (macOS 15+); None elsewhere."""
     from runtimes.backends.coreml import CoreMLBackend
 
     from ..verify import RuntimeScorer
-    if CoreMLBackend.available()[0]:
-        scorer = RuntimeScorer(CoreMLBackend(artifact, threads=options.threads))
-        scorer.verified_with = "Core ML"
+    if not CoreMLBackend.available()[0]:
+        return None
+    scorer = RuntimeScorer(CoreMLBackend(artifact, threads=options.threads))
+    scorer.verified_with = "Core ML"
+    return scorer
+
+
+def verify_scorer(artifact, options):
+    """`coreml-module` (the traced variant's): Core ML where it predicts; elsewhere the converted
+    torch module over the package's own weights, read back from weight.bin."""
+    scorer = _core_ml_scorer(artifact, options)
+    if scorer is not None:
         return scorer
     _import()
     from .coreml_torch import TorchModuleScorer, verification_module
     return TorchModuleScorer(verification_module(artifact), threads=options.threads)
+
+
+def verify_program(artifact, options):
+    """`coreml-program` (the built variant's): Core ML where it predicts; elsewhere the saved ML
+    Program interpreted op by op in numpy (coreml_interp.py), which checks the program's wiring as
+    well as its weights, in about one layer's memory."""
+    scorer = _core_ml_scorer(artifact, options)
+    if scorer is not None:
+        return scorer
+    _import(torch=False)
+    from .coreml_interp import program_scorer
+    return program_scorer(artifact, options)
 
 
 def _available() -> tuple[bool, str]:
@@ -267,5 +287,6 @@ def _available() -> tuple[bool, str]:
 
 
 register_scorer("coreml-module", verify_scorer)
+register_scorer("coreml-program", verify_program)
 register_target(Target(name="coreml", needs="coremltools and torch to export (any OS); macOS 15+ to run",
                        lower=lower, available=_available, backend="coreml"))

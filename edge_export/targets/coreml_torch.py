@@ -11,7 +11,8 @@ is read from the shapes of the inputs, so prefill and decode are the same progra
 - ``logits`` [1, 1, vocab]: the last position's.
 
 The same module, built from the weights the package holds, runs in torch on any machine: that
-is how a Core ML export is verified where Core ML cannot predict (Linux).
+is how a `--variant traced` export is verified where Core ML cannot predict (Linux); the default
+variant's is verified by interpreting its saved program (coreml_interp.py).
 """
 from __future__ import annotations
 
