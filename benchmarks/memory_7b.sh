@@ -12,7 +12,7 @@ FIX="${2:-/tmp/$PRESET-full}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="${OUT:-$HERE/results/memory_$PRESET.jsonl}"
 PEERS="${PEERS:-/tmp/edge-peers}"
-ART=/tmp/mem7b-artifact
+ART="${ART:-/tmp/mem7b-artifact}"
 JOBS="${JOBS:-ort portable tensorrt coreml qnn ort-verified coreml-verified genai}"
 mkdir -p "$(dirname "$OUT")"
 [ -f "$FIX/config.json" ] || edge-export fixture --preset "$PRESET" --scale full -o "$FIX"
@@ -21,16 +21,16 @@ df -h "$(dirname "$ART")" | tail -1
 measure() {  # label, command...: one JSON line with peak RSS (GiB) and wall time, or the failure
   local label="$1"; shift
   rm -rf "$ART"
-  /usr/bin/time -v "$@" > /tmp/mem7b_cmd.log 2> /tmp/mem7b_time.log
+  /usr/bin/time -v "$@" > "$ART.cmd.log" 2> "$ART.time.log"
   local rc=$? kb secs
-  kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' /tmp/mem7b_time.log)
-  secs=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' /tmp/mem7b_time.log)
+  kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$ART.time.log")
+  secs=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$ART.time.log")
   local verification="null" last
   if [ -f "$ART/edge_manifest.json" ]; then
     verification=$(python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])).get('verification')))" \
                    "$ART/edge_manifest.json")
   fi
-  last=$(tail -n 1 /tmp/mem7b_cmd.log | tr -d '"\\' | cut -c1-300)
+  last=$(tail -n 1 "$ART.cmd.log" | tr -d '"\\' | cut -c1-300)
   echo "{\"preset\": \"$PRESET\", \"label\": \"$label\", \"exit\": $rc, \"peak_rss_gib\": $(python3 -c "print(round(${kb:-0}/1048576, 2))"), \"wall\": \"$secs\", \"verification\": $verification, \"last_line\": \"$last\"}" | tee -a "$OUT"
   rm -rf "$ART" "$ART-genai-cache"
 }
