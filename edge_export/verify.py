@@ -224,11 +224,14 @@ class RuntimeScorer:
 def compare(reference, candidate, prompts: list[list[int]], n_new: int = N_NEW) -> Figures:
     """Run the reference, then the candidate, on the same prompt ids. The candidate is scored one
     prompt at a time, so only the reference's log-probs are held (a 150k vocabulary over 24 x 32
-    positions is 470 MB of float32 per copy)."""
+    positions is 470 MB of float32 per copy), unless it is ``batched`` (runs layer-major: one pass
+    for all prompts is what makes it fast; it then holds a second copy)."""
     ref_tokens, ref_logprobs = reference.greedy(prompts, n_new)
     kls, agree = [], []
-    for p, tokens, rl in zip(prompts, ref_tokens, ref_logprobs):
-        cl = candidate.teacher_forced([p], [tokens])[0]
+    # a layer-major candidate scores every prompt in one pass over its layers (holding them all)
+    batched = candidate.teacher_forced(prompts, ref_tokens) if getattr(candidate, "batched", False) else None
+    for j, (p, tokens, rl) in enumerate(zip(prompts, ref_tokens, ref_logprobs)):
+        cl = batched[j] if batched else candidate.teacher_forced([p], [tokens])[0]
         kls.extend((np.exp(rl.astype(np.float64)) * (rl - cl)).sum(axis=-1))
         agree.extend(rl.argmax(-1) == cl.argmax(-1))
     cand_tokens, _ = candidate.greedy(prompts, n_new)
