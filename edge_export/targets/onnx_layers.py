@@ -63,6 +63,7 @@ class LayerGraph:
             return self._sessions[seg.name]
         import onnxruntime as ort
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False  # sessions held side by side would each keep an arena at its peak
         for key, value in self.session_config.items():
             options.add_session_config_entry(key, str(value))
         if self.threads:
