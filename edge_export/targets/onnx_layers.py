@@ -86,7 +86,8 @@ class LayerGraph:
                     copy.data_location = onnx.TensorProto.DEFAULT
                     del copy.external_data[:]
                 inits.append(copy)
-        value = lambda name: helper.make_tensor_value_info(name, self.types.get(name, onnx.TensorProto.FLOAT), None)  # noqa: E731
+        def value(name: str):
+            return helper.make_tensor_value_info(name, self.types.get(name, onnx.TensorProto.FLOAT), None)
         graph = helper.make_graph(seg.nodes, seg.name, [value(n) for n in seg.inputs], [value(n) for n in seg.outputs],
                                   inits)
         model = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
@@ -100,6 +101,7 @@ class LayerGraph:
         outputs. Returns, per run, what is left of its values: the ``returns`` outputs."""
         values = [[dict(feeds) for feeds in seq] for seq in runs]
         for seg in self.segments:
+            logger.debug("%s over %d runs", seg.name, sum(len(seq) for seq in values))
             session = self.session(seg)
             for j, seq in enumerate(values):
                 for k, held in enumerate(seq):
