@@ -224,12 +224,13 @@ class RuntimeScorer:
 def compare(reference, candidate, prompts: list[list[int]], n_new: int = N_NEW) -> Figures:
     """Run the reference, then the candidate, on the same prompt ids. The candidate is scored one
     prompt at a time, or ``candidate.batch`` prompts at a time where it runs sequences together
-    (the ML Program interpreter: one weight pass for all of them), so only the reference's
-    log-probs and a batch of the candidate's are held (a 150k vocabulary over 24 x 32 positions is
-    470 MB of float32 per copy)."""
+    (the ML Program interpreter: one weight pass for all of them; a ``batched`` layer-major
+    candidate takes every prompt in one pass over its layers), so only the reference's log-probs
+    and a batch of the candidate's are held (a 150k vocabulary over 24 x 32 positions is 470 MB of
+    float32 per copy)."""
     ref_tokens, ref_logprobs = reference.greedy(prompts, n_new)
     kls, agree = [], []
-    batch = max(1, int(getattr(candidate, "batch", 1)))
+    batch = len(prompts) if getattr(candidate, "batched", False) else max(1, int(getattr(candidate, "batch", 1)))
     for first in range(0, len(prompts), batch):
         part = slice(first, first + batch)
         for rl, cl in zip(ref_logprobs[part], candidate.teacher_forced(prompts[part], ref_tokens[part])):

@@ -159,3 +159,62 @@ def test_tensorrt_rules_refuse_zero_points_and_residuals(tmp_path):
                                    max_context=MAX_CONTEXT, rules=TENSORRT_RULES)
         assert not (tmp_path / kind / "model.onnx.data").exists()  # the partial data file is removed
     assert PortableRules().zero_points
+
+
+
+def _scorers(checkpoint, folder, monkeypatch, **options):
+    """An export's verification scorer over the whole folded graph, and (FOLD_WEIGHTS_BYTES forced
+    to 0, as for a model whose float weights do not fit) the streamed one."""
+    import runtimes.artifact
+    from edge_export.export import ExportOptions, export
+    from edge_export.targets import onnx as onnx_target
+    from edge_export.targets.onnx_streamed import StreamedGraphScorer
+    from edge_export.verify import RuntimeScorer
+    options = ExportOptions(quant="int4", max_context=96, verify=False, **options)
+    export(checkpoint, folder, options)
+    artifact = runtimes.artifact.load_artifact(folder)
+    whole = onnx_target.folded_scorer(artifact, options)
+    monkeypatch.setattr(onnx_target, "FOLD_WEIGHTS_BYTES", 0)
+    streamed = onnx_target.folded_scorer(artifact, options)
+    assert isinstance(whole, RuntimeScorer) and isinstance(streamed, StreamedGraphScorer)
+    return whole, streamed, artifact.spec.vocab_size
+
+
+def _same_scores(whole, streamed, vocab, tolerance):
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, 200, n)) for n in (7, 12, 3)]
+    continuations = [list(rng.integers(0, 200, 4)) for _ in prompts]
+    for a, b in zip(whole.teacher_forced(prompts, continuations), streamed.teacher_forced(prompts, continuations)):
+        assert a.shape == b.shape == (4, vocab) and np.abs(a - b).max() < tolerance
+    assert whole.greedy(prompts, 5)[0] == streamed.greedy(prompts, 5)[0]
+    for a, b in zip(whole.sequence_logits(prompts[:2]), streamed.sequence_logits(prompts[:2])):
+        assert a.shape == b.shape and np.abs(a - b).max() < tolerance
+
+
+def test_streamed_verification_matches_the_whole_graph(tiny_checkpoint, tmp_path, monkeypatch):
+    """A portable graph whose float weights exceed FOLD_WEIGHTS_BYTES is verified layer by layer,
+    every prompt through each layer before the next is loaded: its teacher-forced log-probs,
+    greedy tokens and per-position logits are the whole folded graph's within 1e-4 (fp32), on
+    every architecture's tiny fixture."""
+    _same_scores(*_scorers(tiny_checkpoint, tmp_path / "a", monkeypatch, target="onnx", variant="portable"), 1e-4)
+
+
+def test_streamed_tensorrt_graph_matches_within_fp16(tiny_llama, tmp_path, monkeypatch):
+    """The tensorrt target's fp16 graph streamed: within 1e-2 of the whole graph in log-probs (log-probs
+    of about -6 are held to 0.004 in fp16; measured 1.3e-3), the same greedy tokens."""
+    _same_scores(*_scorers(tiny_llama, tmp_path / "a", monkeypatch, target="tensorrt"), 1e-2)
+
+
+def test_export_verified_streamed_reports_the_same_figures(tiny_llama, tmp_path, monkeypatch):
+    """An export verified through the streamed scorer (compare() scores its prompts in one batched
+    pass) reports the whole-graph verification's figures, and says how it verified."""
+    from edge_export.export import ExportOptions, export
+    from edge_export.targets import onnx as onnx_target
+    from edge_export.targets.onnx_streamed import StreamedGraphScorer
+    options = ExportOptions(target="onnx", variant="portable", quant="int4", max_context=96, max_kl=100, min_top1=0)
+    whole = export(tiny_llama, tmp_path / "a", options)["verification"]
+    monkeypatch.setattr(onnx_target, "FOLD_WEIGHTS_BYTES", 0)
+    streamed = export(tiny_llama, tmp_path / "b", options)["verification"]
+    assert streamed["verified_with"] == StreamedGraphScorer.verified_with != whole["verified_with"]
+    for key in ("kl_mean", "top1_agreement", "greedy_match_tokens", "positions"):
+        assert streamed[key] == pytest.approx(whole[key], abs=1e-5), key

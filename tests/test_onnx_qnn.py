@@ -30,6 +30,7 @@ from edge_export.checkpoint import open_checkpoint
 from edge_export.checkpoint.safetensors_io import write_safetensors
 from edge_export.errors import ExportError
 from edge_export.export import ExportOptions, export
+from edge_export.targets import onnx_qnn, onnx_qnn_qdq
 from edge_export.targets.onnx_qnn import compile_context, lpbq
 from runtimes.backends.qnn import StaticDecoder, qnn_available
 from runtimes.errors import ArtifactError, ContextOverflowError
@@ -185,6 +186,71 @@ def test_every_architecture_on_cpu_and_htp(tiny_checkpoint, tmp_path):
     if QNN_OK:  # the shared Generator over the HTP
         result = rt.generate("hello", temperature=0, max_new_tokens=3, ignore_eos=True)
         assert result.new_tokens == 3 and result.ttft_ms > 0 and result.decode_tok_s > 0
+
+
+def _whole_graph_ranges(model, folder, points, spec, max_context, seq, prompts):
+    """Calibration as it ran before it went layer by layer, the independent check of that pass:
+    the whole float graph in one onnxruntime session per shape (weights folded to float), driven
+    by the runtime's own StaticDecoder, every calibrated point made a graph output."""
+    import onnxruntime as ort
+    observed = [t for t, kind in points.items() if kind == onnx_qnn_qdq.ACT]
+    outputs = {v.name for v in model.graph.output}
+    files = {}
+    for graph, length in (("prefill", seq), ("decode", 1)):
+        m = onnx_qnn_qdq.with_seq_len(model, spec, max_context, length)
+        m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in observed if t not in outputs)
+        files[graph] = folder / f".whole_{graph}.onnx"
+        files[graph].write_bytes(m.SerializeToString())
+    ranges = {}
+
+    def observe(out):
+        for t in observed:
+            r = ranges.setdefault(t, [float(out[t].min()), float(out[t].max())])
+            r[0], r[1] = min(r[0], float(out[t].min())), max(r[1], float(out[t].max()))
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    sessions = {k: ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"]) for k, f in files.items()}
+    names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+    decoder = StaticDecoder(spec, {"prefill": {"seq_len": seq}}, max_context,
+                            lambda graph, feeds: dict(zip(names[graph], sessions[graph].run(None, feeds))), None, observe)
+    for ids in prompts:
+        logits = decoder.prefill(ids[-(max_context - onnx_qnn_qdq.CALIBRATION_DECODE_STEPS):])
+        for _ in range(onnx_qnn_qdq.CALIBRATION_DECODE_STEPS):
+            logits = decoder.decode(int(np.argmax(logits)))
+    for f in files.values():
+        f.unlink()
+    return {t: tuple(r) for t, r in ranges.items()}
+
+
+@pytest.mark.parametrize("hold", [True, False], ids=["sessions-held", "layers-reloaded"])
+def test_layer_major_calibration_matches_the_whole_graph(tiny_checkpoint, tmp_path, monkeypatch, hold):
+    """The layer-by-layer calibration pass (prompts chunked and padded as the runtime does, then
+    greedy decode steps) finds the same range at every activation point as the whole float graph
+    run by the runtime's StaticDecoder, so the uint16 scales and zero points, and with them the
+    artifact, are the same. Both with every layer's session kept and with each layer rebuilt at
+    every decode step (what a model too big to fold whole does)."""
+    if not hold:
+        monkeypatch.setattr(onnx_qnn_qdq, "FOLD_WEIGHTS_BYTES", 0)
+    seen = {}
+    layer_major = onnx_qnn.calibrate
+
+    def both(model, folder, points, spec, max_context, seq, prompts, threads):
+        seen["points"] = points
+        seen["whole"] = _whole_graph_ranges(model, folder, points, spec, max_context, seq, prompts)
+        seen["layer"] = layer_major(model, folder, points, spec, max_context, seq, prompts, threads)
+        return seen["layer"]
+
+    monkeypatch.setattr(onnx_qnn, "calibrate", both)
+    export(tiny_checkpoint, tmp_path / "q", ExportOptions(target="onnx", variant="qnn", quant="int4", max_context=96,
+                                                          verify=False, prefill_chunk=16))
+    whole, layer = seen["whole"], seen["layer"]
+    assert set(layer) == set(whole) and len(whole) > 20 * 2
+    for t, (lo, hi) in whole.items():
+        assert np.allclose(layer[t], (lo, hi), rtol=1e-5, atol=1e-6), (t, layer[t], (lo, hi))
+    params = {k: onnx_qnn_qdq.resolve_params(seen["points"], r) for k, r in seen.items() if k != "points"}
+    for t, (scale, zero_point) in params["whole"].items():
+        assert params["layer"][t][0] == pytest.approx(scale, rel=1e-5) and abs(params["layer"][t][1] - zero_point) <= 1
 
 
 # ---- on the HTP simulator --------------------------------------------------------------------

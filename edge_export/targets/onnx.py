@@ -55,22 +55,27 @@ def lower(spec, weights, folder: Path, variant: str, options, calibration=None) 
     return lowerings[variant](spec, weights, folder, variant, options, calibration=calibration)
 
 
-# A portable graph's weights, dequantized once into float32 for verification, may take this much.
+# A portable graph's weights, dequantized once into float32 for verification, may take this much;
+# a larger graph is verified layer by layer (onnx_streamed).
 FOLD_WEIGHTS_BYTES = 2 << 30
 
 
 def folded_scorer(artifact, options):
     """Verification of a portable (or tensorrt) graph with every weight's DequantizeLinear folded
-    into a float constant once, instead of dequantizing at every step: the same weight values,
-    about 7x faster on SmolLM2 (11.5 against 78 ms a token). Only where the float copies fit
-    FOLD_WEIGHTS_BYTES, and not with FP8 activation Q/DQ, which onnxruntime then computes otherwise
-    (None: the artifact's own backend verifies it)."""
+    into a float constant, instead of dequantizing at every step: the same weight values, about 7x
+    faster on SmolLM2 (11.5 against 78 ms a token). Where the float copies fit FOLD_WEIGHTS_BYTES
+    the whole graph is folded once; above it the graph runs layer by layer over every prompt, one
+    layer folded at a time (StreamedGraphScorer). Not with FP8 activation Q/DQ, which onnxruntime
+    then computes otherwise (None: the artifact's own backend verifies it)."""
     from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 
     from ..verify import RuntimeScorer
+    from .onnx_streamed import StreamedGraphScorer
     weights = artifact.manifest.get("weights", {}).values()
-    if any("activation_scale" in e for e in weights) or artifact.spec.parameter_count * 4 > FOLD_WEIGHTS_BYTES:
+    if any("activation_scale" in e for e in weights):
         return None
+    if artifact.spec.parameter_count * 4 > FOLD_WEIGHTS_BYTES:
+        return StreamedGraphScorer(artifact, threads=options.threads)
     backend = OnnxRuntimeBackend(artifact, threads=options.threads,
                                  session_config={"session.disable_quant_qdq": "1"})
     scorer = RuntimeScorer(backend)

@@ -1,5 +1,5 @@
 """Steps 2 and 3 of the qnn variant (see onnx_qnn.py): calibrate the float graph's activation
-points on onnxruntime's CPU provider, turn each point's range into uint16 parameters, and insert the
+points on onnxruntime's CPU provider, layer by layer, turn each point's range into uint16 parameters, and insert the
 QuantizeLinear/DequantizeLinear pairs; also the decode graph as the prefill graph at one token."""
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtimes.backends.qnn import StaticDecoder
+from runtimes.backends.qnn import prefill_chunks, step_inputs
 from runtimes.models import ModelSpec
 
 from ..errors import ExportError
+from .onnx_layers import LayerGraph, padded_past
 
 CALIBRATION_DECODE_STEPS = 8
 MIN_RANGE = 1e-4
-# Calibration dequantizes the weights once into float32 copies when they take no more than this
-# (4x faster on SmolLM2); a larger model dequantizes each layer as it runs and stays in memory.
+# Calibration keeps every layer's session (its weights folded to float32) between decode steps when
+# the float copies take no more than this; a larger model loads each layer again at every step.
 FOLD_WEIGHTS_BYTES = 2 << 30
 ACT = ("act",)  # calibrated per-tensor range
 
@@ -124,43 +125,53 @@ def insert_qdq(model: onnx.ModelProto, params: dict[str, tuple[float, int]]) -> 
 def calibrate(model: onnx.ModelProto, folder: Path, points: dict, spec: ModelSpec, max_context: int, seq: int,
               prompts: list[list[int]], threads: int | None) -> dict[str, tuple[float, float]]:
     """Min/max of every calibrated point over ``prompts`` (prefilled as the runtime chunks them,
-    then CALIBRATION_DECODE_STEPS greedy decode steps), on onnxruntime's CPU provider."""
-    import onnxruntime as ort
-    observed = [t for t, kind in points.items() if kind == ACT]
-    outputs = {v.name for v in model.graph.output}
-    files = {}
-    for graph, length in (("prefill", seq), ("decode", 1)):
-        m = with_seq_len(model, spec, max_context, length)
-        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in observed if t not in outputs)
-        files[graph] = folder / f".calibration_{graph}.onnx"
-        files[graph].write_bytes(m.SerializeToString())
+    then CALIBRATION_DECODE_STEPS greedy decode steps), on onnxruntime's CPU provider. The float
+    graph runs layer-major (onnx_layers.LayerGraph): each layer's weights are loaded, folded to
+    float once, and run over every prompt's chunks before the next layer, then once more per
+    decode step; so memory holds about one layer in float, not the whole model."""
+    observed = {t for t, kind in points.items() if kind == ACT}
+    graph = LayerGraph(model, folder, keep=observed, session_config={"session.disable_quant_qdq": "1"},
+                       threads=threads, hold=spec.parameter_count * 4 <= FOLD_WEIGHTS_BYTES)
     ranges: dict[str, list[float]] = {}
+    prompts = [list(ids[-(max_context - CALIBRATION_DECODE_STEPS):]) for ids in prompts]
+    caches: list[dict[str, np.ndarray]] = [{} for _ in prompts]  # per prompt: past.{i}.key -> filled rows
+    lengths = [0] * len(prompts)
+    shape = (1, spec.num_kv_heads, max_context, spec.head_dim)
+    plan: list[list[tuple[int, int]]] = [[] for _ in prompts]  # per prompt, per run: (start, skip)
 
-    def observe(out: dict) -> None:
-        for t in observed:
+    def inputs(j: int, tokens: list[int], skip: int, sequence: int | None) -> dict:
+        plan[j].append((lengths[j], skip))
+        feeds = step_inputs(spec, max_context, tokens, skip, lengths[j], sequence, lambda _, x: x.astype(np.float32))
+        lengths[j] += len(tokens) - skip
+        return feeds
+
+    def past(j: int, k: int, seg) -> dict:
+        if seg.layer is None:
+            return {}
+        return {f"past.{seg.layer}.{kind}": padded_past(caches[j].get(f"{seg.layer}.{kind}"), shape)
+                for kind in ("key", "value")}
+
+    def absorb(j: int, k: int, seg, out: dict) -> None:
+        skip = plan[j][k][1]
+        for kind in ("key", "value") if seg.layer is not None else ():
+            new = out[f"present.{seg.layer}.{kind}"][:, :, skip:]
+            old = caches[j].get(f"{seg.layer}.{kind}")
+            caches[j][f"{seg.layer}.{kind}"] = new if old is None else np.concatenate([old, new], axis=2)
+        for t in observed.intersection(out):
             lo, hi = float(out[t].min()), float(out[t].max())
             r = ranges.setdefault(t, [lo, hi])
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
 
-    try:
-        options = ort.SessionOptions()
-        if spec.parameter_count * 4 <= FOLD_WEIGHTS_BYTES:  # fold the weights' DQ once (float32 copies)
-            options.add_session_config_entry("session.disable_quant_qdq", "1")
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        sessions = {k: ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
-                    for k, f in files.items()}
-        names = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
-        decoder = StaticDecoder(spec, {"prefill": {"seq_len": seq}}, max_context,
-                                lambda graph, feeds: dict(zip(names[graph], sessions[graph].run(None, feeds))),
-                                None, observe)
-        for ids in prompts:
-            logits = decoder.prefill(ids[-(max_context - CALIBRATION_DECODE_STEPS):])
-            for _ in range(CALIBRATION_DECODE_STEPS):
-                logits = decoder.decode(int(np.argmax(logits)))
-    finally:
-        for f in files.values():
-            f.unlink(missing_ok=True)
+    runs = [[inputs(j, tokens, skip, len(ids)) for tokens, skip in prefill_chunks(ids, seq)]
+            for j, ids in enumerate(prompts)]
+    for step in range(CALIBRATION_DECODE_STEPS + 1):
+        done = graph.layer_major(runs, past, absorb)
+        if step == CALIBRATION_DECODE_STEPS:
+            break
+        for j in range(len(prompts)):
+            plan[j] = []
+        # each prompt's next token: the greedy choice after its last run's (last row's) logits
+        runs = [[inputs(j, [int(np.argmax(seq_values[-1]["logits"]))], 0, None)] for j, seq_values in enumerate(done)]
     return {t: (r[0], r[1]) for t, r in ranges.items()}
 
 

@@ -92,6 +92,38 @@ def ep_assignment(session) -> dict[str, int]:
     return counts
 
 
+def prefill_chunks(ids: list[int], chunk: int) -> list[tuple[list[int], int]]:
+    """A prompt cut into chunks of ``chunk`` tokens from its end: (tokens, how many of them are
+    padding at the start); only the first chunk is padded, with token 0."""
+    pad = -len(ids) % chunk
+    padded = [0] * pad + list(ids)
+    return [(padded[start:start + chunk], pad if start == 0 else 0) for start in range(0, len(padded), chunk)]
+
+
+def step_inputs(spec, max_context: int, tokens: list[int], skip: int, start: int, sequence: int | None,
+                encode: Callable[[str, np.ndarray], np.ndarray]) -> dict:
+    """The non-cache inputs of one static run: ``tokens`` (the first ``skip`` of them padding)
+    after ``start`` cached tokens, as part of a forward over ``sequence`` tokens (default: up to
+    these). input_ids, the additive attention_mask over [cache slots | the run's rows] (padding
+    rows see only themselves), and position_cos / position_sin [1, 1, S, head_dim]: cos twice, and
+    sin with its first half negated (1 and 0 past the rotary channels), so the graph computes
+    rope(x) = x * cos + swap_halves(x) * sin. The forward's sequence length decides LongRoPE's
+    factor set. ``encode(name, float array)`` gives each input its dtype (uint16 codes or float32)."""
+    s, n, ctx = len(tokens), len(tokens) - skip, max_context
+    positions = np.concatenate([np.zeros(skip, np.int64), np.arange(start, start + n)])
+    visible, hidden = (encode("attention_mask", np.array(v)) for v in (0.0, MASK_HIDDEN))
+    mask = np.full((1, 1, s, ctx + s), hidden, visible.dtype)
+    mask[0, 0, :, :start] = visible
+    rows = np.arange(s)
+    causal = (rows[None, :] <= rows[:, None]) & ((rows[None, :] >= skip) | (rows[None, :] == rows[:, None]))
+    mask[0, 0, :, ctx:][causal] = visible
+    cos, sin = rope.Rope.for_spec(spec).tables(positions, total=sequence or start + n)
+    full_cos, signed_sin = rope.full_width(cos, sin, spec.head_dim)
+    return {"input_ids": np.asarray(tokens, np.int32).reshape(1, s), "attention_mask": mask,
+            "position_cos": encode("position_cos", full_cos[None, None]),
+            "position_sin": encode("position_sin", signed_sin[None, None])}
+
+
 class StaticDecoder:
     """Chunked prefill and one-token decode over a static prefill graph and a decode graph.
 
@@ -108,20 +140,7 @@ class StaticDecoder:
         # unused slots hold 0.0 (the zero point's code): masked, they must not score high either
         self.k = [np.full(shape, self._encode(f"past.{i}.key", np.zeros(()))) for i in range(spec.num_layers)]
         self.v = [np.full(shape, self._encode(f"past.{i}.value", np.zeros(()))) for i in range(spec.num_layers)]
-        self.visible, self.hidden = (self._encode("attention_mask", np.array(v)) for v in (0.0, MASK_HIDDEN))
         self.length = 0
-
-    def _dtype(self, name: str):
-        return np.uint16 if name in self.io else np.float32
-
-    def _rotary(self, positions: np.ndarray, sequence: int) -> dict:
-        """position_cos / position_sin [1, 1, S, head_dim]: cos twice, and sin with its first half
-        negated (1 and 0 past the rotary channels), so the graph computes rope(x) = x * cos +
-        swap_halves(x) * sin. The forward's sequence length decides LongRoPE's factor set."""
-        cos, sin = rope.Rope.for_spec(self.spec).tables(positions, total=sequence)
-        full_cos, signed_sin = rope.full_width(cos, sin, self.spec.head_dim)
-        values = {"position_cos": full_cos, "position_sin": signed_sin}
-        return {name: self._encode(name, v[None, None]) for name, v in values.items()}
 
     def _encode(self, name: str, x: np.ndarray) -> np.ndarray:
         if name not in self.io:
@@ -135,11 +154,9 @@ class StaticDecoder:
             raise ContextOverflowError("an empty prompt: prefill needs at least one token")
         self._check_fits(len(ids))
         self.length = 0
-        pad = -len(ids) % self.chunk
-        padded = [0] * pad + ids
-        for start in range(0, len(padded), self.chunk):
+        for tokens, skip in prefill_chunks(ids, self.chunk):
             # the whole prompt's length picks LongRoPE's factor set for every chunk, as one forward would
-            logits = self._step("prefill", padded[start:start + self.chunk], pad if start == 0 else 0, len(ids))
+            logits = self._step("prefill", tokens, skip, len(ids))
         return logits
 
     def decode(self, token: int) -> np.ndarray:
@@ -154,15 +171,8 @@ class StaticDecoder:
     def _step(self, graph: str, tokens: list[int], skip: int, sequence: int | None = None) -> np.ndarray:
         """Run ``tokens`` (the first ``skip`` of them padding) after the cache, as part of a forward
         over ``sequence`` tokens (default: up to these); returns the last row's logits."""
-        s, start, n, ctx = len(tokens), self.length, len(tokens) - skip, self.max_context
-        positions = np.concatenate([np.zeros(skip, np.int64), np.arange(start, start + n)])
-        mask = np.full((1, 1, s, ctx + s), self.hidden, self._dtype("attention_mask"))
-        mask[0, 0, :, :start] = self.visible
-        rows = np.arange(s)
-        causal = (rows[None, :] <= rows[:, None]) & ((rows[None, :] >= skip) | (rows[None, :] == rows[:, None]))
-        mask[0, 0, :, ctx:][causal] = self.visible  # padding rows see only themselves
-        feeds = {"input_ids": np.asarray(tokens, np.int32).reshape(1, s), "attention_mask": mask,
-                 **self._rotary(positions, sequence or start + n)}
+        start, n = self.length, len(tokens) - skip
+        feeds = step_inputs(self.spec, self.max_context, tokens, skip, start, sequence, self._encode)
         for i in range(self.spec.num_layers):
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = self.k[i], self.v[i]
         out = self.run(graph, feeds)
