@@ -48,6 +48,11 @@ for job in $JOBS; do
       measure "onnx/ort int4 rtn, verified (4 prompts x 16 tokens)" \
         edge-export export "$FIX" -o "$ART" --target onnx --quant int4 --verify-prompts "$PROMPTS" \
         --verify-tokens 16 --max-kl 100 --min-top1 0 ;;
+    portable-verified|tensorrt-verified)
+      target=(--target onnx --variant portable); [ "$job" = tensorrt-verified ] && target=(--target tensorrt)
+      measure "${job%-verified} int4 rtn, verified layer by layer (4 prompts x 16 tokens)" \
+        edge-export export "$FIX" -o "$ART" "${target[@]}" --quant int4 --verify-prompts "$PROMPTS" \
+        --verify-tokens 16 --max-kl 100 --min-top1 0 ;;
     coreml-verified)
       measure "coreml int4 rtn, verified (4 prompts x 16 tokens)" \
         edge-export export "$FIX" -o "$ART" --target coreml --quant int4 --verify-prompts "$PROMPTS" \
