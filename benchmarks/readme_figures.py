@@ -53,6 +53,7 @@ ALLOWED = (
     "(2.7 refuses it)",
     "the 1.2× the project aims for",  # a goal, not a measurement
     "layers 0, 15 and 29",           # which layers a check sampled
+    "at most 6 GB without verification, 8 GB with it, Core ML 6 GB with its verification",  # the goals
 )
 
 
