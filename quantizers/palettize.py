@@ -2,8 +2,8 @@
 
 A weight W float [N out, K in] is cut into ``N / rows_per_lut`` groups of consecutive rows; each
 group's ``rows_per_lut * K`` values are clustered into 16 centroids by one-dimensional k-means
-(Lloyd's algorithm, deterministic: centroids start at the group's quantiles, then a fixed number
-of iterations), the centroids rounded to float16 (what the table stores), and every weight
+(Lloyd's algorithm, deterministic: a fixed number of iterations from each of three fixed starts,
+the group's quantiles, evenly spaced values and their mean, keeping the start that ends lowest), the centroids rounded to float16 (what the table stores), and every weight
 replaced by the index 0..15 of its nearest float16 centroid. Tables are sorted ascending, so an
 index orders like the value it stands for.
 
@@ -122,15 +122,18 @@ def _palettize_groups(values: np.ndarray, iterations: int) -> tuple[np.ndarray, 
     order = np.argsort(values, axis=1, kind="stable")
     ordered = np.take_along_axis(values, order, axis=1).astype(np.float64)
     prefix = np.concatenate([np.zeros((g, 1)), np.cumsum(ordered, axis=1)], axis=1)  # [G, M+1]
-    # start at the quantiles (the centres of 16 equal-count runs): every cluster starts non-empty
-    centroids = ordered[:, ((np.arange(PALETTE) + 0.5) * m / PALETTE).astype(np.intp)]
+    squares = np.concatenate([np.zeros((g, 1)), np.cumsum(ordered * ordered, axis=1)], axis=1)
     keys = _row_keys(ordered)
-    rows = np.arange(g)[:, None]
-    for _ in range(iterations):
-        edges = _edges(keys, ordered, centroids)  # [G, 17]: cluster c holds sorted positions edges[c]:edges[c+1]
-        counts = np.diff(edges, axis=1)
-        sums = prefix[rows, edges[:, 1:]] - prefix[rows, edges[:, :-1]]
-        centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)  # an empty one stays put
+    best, best_error = None, None
+    for start in _starts(ordered):
+        centroids, error = _lloyd(keys, ordered, prefix, squares, start, iterations)
+        if best is None:
+            best, best_error = centroids, error
+        else:
+            better = error < best_error
+            best = np.where(better[:, None], centroids, best)
+            best_error = np.minimum(error, best_error)
+    centroids = best
     tables = np.sort(centroids.astype(np.float16), axis=1)
     # indices against the float16 table the package stores: nearest stored value, not the float64 mean
     edges = _edges(keys, ordered, tables.astype(np.float64))
@@ -142,9 +145,38 @@ def _palettize_groups(values: np.ndarray, iterations: int) -> tuple[np.ndarray, 
     return indices, tables
 
 
-def _row_keys(ordered: np.ndarray) -> np.ndarray:
+def _starts(ordered: np.ndarray) -> list[np.ndarray]:
+    """Deterministic starting centroids [G, 16], each run and the best kept per group: the quantiles
+    (centres of 16 equal-count runs; they crowd the dense middle), evenly spaced between min and max
+    (they reach the outliers that real weights have and Lloyd cannot move a quantile start out to),
+    and their mean."""
+    g, m = ordered.shape
+    quantiles = ordered[:, ((np.arange(PALETTE) + 0.5) * m / PALETTE).astype(np.intp)]
+    low, high = ordered[:, :1], ordered[:, -1:]
+    even = low + (high - low) * (np.arange(PALETTE) + 0.5) / PALETTE
+    return [quantiles, even, (quantiles + even) / 2]
+
+
+def _lloyd(keys, ordered, prefix, squares, centroids, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """``iterations`` Lloyd steps from ``centroids`` [G, 16]: (centroids, each group's squared error)."""
+    rows = np.arange(len(ordered))[:, None]
+    for _ in range(iterations):
+        edges = _edges(keys, ordered, centroids)  # [G, 17]: cluster c holds sorted positions edges[c]:edges[c+1]
+        counts = np.diff(edges, axis=1)
+        sums = prefix[rows, edges[:, 1:]] - prefix[rows, edges[:, :-1]]
+        centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)  # an empty one stays put
+    edges = _edges(keys, ordered, centroids)
+    counts = np.diff(edges, axis=1)
+    sums = prefix[rows, edges[:, 1:]] - prefix[rows, edges[:, :-1]]
+    sq = squares[rows, edges[:, 1:]] - squares[rows, edges[:, :-1]]
+    c = np.sort(centroids, axis=1)  # _edges' clusters are of the sorted centroids
+    error = (sq - 2 * c * sums + counts * c * c).sum(axis=1)
+    return c, error
+
+
+def _row_keys(ordered: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Each row's sorted values mapped into [2r, 2r + 1] (r: the row): one ascending array, so one
-    ``searchsorted`` places every row's boundaries at once."""
+    ``searchsorted`` places every row's boundaries at once; with each row's (low, span) mapping."""
     low, high = ordered[:, :1], ordered[:, -1:]
     span = np.where(high > low, high - low, 1.0)
     return ((ordered - low) / span + 2 * np.arange(len(ordered))[:, None]).reshape(-1), (low, span)
