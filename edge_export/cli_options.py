@@ -73,6 +73,9 @@ EXPORT_OPTIONS = [
     click.option("--group-size", type=GROUP_SIZE_CHOICE, default=str(SUPPORTED_GROUP_SIZES[0]), show_default=True,
                  help="int4 group (block-wise; --method palettize refuses it); where it does not divide a tensor's input width the largest that does is used "
                       "(recorded in the manifest)."),
+    click.option("--lut-rows", type=click.IntRange(min=1), default=16, show_default=True,
+                 help="--method palettize: consecutive output rows sharing one 16-entry float16 table (1: a table "
+                      "per row, the most accurate; each table costs 32 bytes)."),
     click.option("--asymmetric", is_flag=True, help=_only("symmetric") + "int4 with zero points."),
     click.option("--clip-search", is_flag=True,
                  help="int4: shrink each group's range where that lowers its squared error (data-free; SmolLM2 g32 "

@@ -50,7 +50,7 @@ def quant_rules(options: ExportOptions) -> Rules:
     if options.quant in ("fp32", "fp16"):
         return Rules((("*", None),))
     if options.quant == "int4" and options.method == "palettize":
-        config = Int4LutConfig()
+        config = Int4LutConfig(rows_per_lut=options.lut_rows)
     elif options.quant == "int4":
         config = Int4Config(options.group_size, options.symmetric, options.method, act_order=options.act_order,
                             clip_search=options.clip_search)

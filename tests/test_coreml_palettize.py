@@ -197,6 +197,8 @@ def test_other_targets_refuse_palettize_through_the_cli(name, tiny, tmp_path):
     ({"clip_search": True}, r"--clip-search \(True\) applies to block-wise int4"),
     ({"act_order": True}, r"--act-order \(True\) applies to block-wise int4"),
     ({"quant": "int8"}, r"--method palettize applies to --quant int4, not --quant int8"),
+    ({"method": "rtn", "lut_rows": 4}, r"--lut-rows 4 \(lut_rows\) applies to --method palettize only; drop it"),
+    ({"lut_rows": 0}, r"--lut-rows 0 \(lut_rows\) must be a positive number of rows"),
 ])
 def test_coreml_refuses_block_wise_options_with_palettize(changes, message, tmp_path):
     options = ExportOptions(target="coreml", quant="int4", method="palettize", verify=False)
@@ -211,4 +213,4 @@ def test_cli_group_size_with_palettize_is_one_line(tiny, tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "error: --group-size (128) applies to block-wise int4, not --method palettize, whose 16-entry tables are "
-        "shared by 16 output rows; drop it"]
+        "shared by output rows (--lut-rows); drop it"]
