@@ -68,7 +68,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/edge-bench-coreml-palettize")
-    ap.add_argument("--verify-prompts", type=int, default=8)
+    ap.add_argument("--verify-prompts", type=int, default=4)
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--table", action="store_true", help="rewrite the .md from the existing .json only")
     args = ap.parse_args()
@@ -77,13 +77,12 @@ def main() -> None:
         from smollm2_artifacts import first_prompts
         work = Path(args.work)
         prompts = first_prompts(args.verify_prompts, work)
-        rows = []
+        result = {"model": "smollm2-135m", "target": "coreml", "max_context": args.max_context, "rows": []}
         for i, (label, changes) in enumerate(METHODS.items()):
-            rows.append(measure(label, changes, work / f"a{i}", prompts, args.max_context))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            result["rows"].append(measure(label, changes, work / f"a{i}", prompts, args.max_context))
+            print(json.dumps(result["rows"][-1]), file=sys.stderr, flush=True)
             shutil.rmtree(work / f"a{i}", ignore_errors=True)
-        result = {"model": "smollm2-135m", "target": "coreml", "max_context": args.max_context, "rows": rows}
-        JSON.write_text(json.dumps(result, indent=2) + "\n")
+            JSON.write_text(json.dumps(result, indent=2) + "\n")  # each row as it is measured
     MD.write_text(markdown(json.loads(JSON.read_text())))
     print(MD.read_text())
 
