@@ -184,6 +184,8 @@ def embedding_element_bytes(scheme: dict | None) -> float:
     kind = (scheme or {}).get("scheme")
     if kind == "int4":
         return 0.5 + 4 / (scheme.get("group_size") or 32)
+    if kind == "int4_lut":  # the 32-byte tables are spread over rows_per_lut rows of the hidden size: ~0
+        return 0.5
     return {"int8": 1.0, "fp8": 1.0}.get(kind, 2.0)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from runtimes.capabilities import KV_CACHE_NAMES
+from runtimes.capabilities import INT4_METHODS, KV_CACHE_NAMES, PALETTIZE
 
 from . import __version__
 from .cli_options import (GROUP_SIZE_CHOICE, QUANT_CHOICE, bench_protocol_options, export_options, options_from_cli,
@@ -290,7 +290,7 @@ def serve(artifact, host, port, api_key, insecure, max_queue, request_timeout, m
 @click.argument("candidate")
 @click.option("--reference", required=True, help="The original checkpoint (folder, .gguf or smollm2-135m).")
 @click.option("--quant", type=QUANT_CHOICE, default="int4", show_default=True)
-@click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]), help="Default: keep for a GGUF, else rtn.")
+@click.option("--method", type=click.Choice([*INT4_METHODS, PALETTIZE]), help="Default: keep for a GGUF, else rtn.")
 @click.option("--head", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True)
 @click.option("--group-size", type=GROUP_SIZE_CHOICE, default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True)

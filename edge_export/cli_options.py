@@ -11,7 +11,8 @@ import textwrap
 import click
 
 from quantizers.schemes import SUPPORTED_GROUP_SIZES
-from runtimes.capabilities import KV_CACHE_NAMES, RUNS_AS, TARGETS, all_quants, target_names, variants_of
+from runtimes.capabilities import (INT4_METHODS, KV_CACHE_NAMES, PALETTIZE, RUNS_AS, TARGETS, all_quants, target_names,
+                                   variants_of)
 
 from .options import FLAGS, MAX_KL, MIN_TOP1, OrtOptions, QnnOptions, TensorrtOptions, honoured_by
 
@@ -62,15 +63,19 @@ EXPORT_OPTIONS = [
                      f"{t} for {name}" for name in target_names() for t in [variants_of(name)[0].variant]) + ")."),
     click.option("--quant", type=QUANT_CHOICE, default="int4", show_default=True,
                  help="Weight precision; each target carries some (see below)."),
-    click.option("--method", type=click.Choice(["rtn", "awq", "gptq", "keep"]),
+    click.option("--method", type=click.Choice([*INT4_METHODS, PALETTIZE]),
                  help="int4 method; keep (the default for a GGUF) carries its quantized blocks as they are; "
-                      "rtn is the default otherwise."),
+                      "rtn is the default otherwise; palettize (coreml only): a 16-entry k-means table per 16 "
+                      "output rows instead of block-wise scales."),
     click.option("--head", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True,
                  help="lm_head (and a tied embedding): int8 per row keeps logits accurate; int4 is smaller and "
                       "faster (with keep, it re-quantizes the GGUF's Q8_0 head instead of carrying it)."),
     click.option("--group-size", type=GROUP_SIZE_CHOICE, default=str(SUPPORTED_GROUP_SIZES[0]), show_default=True,
-                 help="int4 group; where it does not divide a tensor's input width the largest that does is used "
+                 help="int4 group (block-wise; --method palettize refuses it); where it does not divide a tensor's input width the largest that does is used "
                       "(recorded in the manifest)."),
+    click.option("--lut-rows", type=click.IntRange(min=1), default=16, show_default=True,
+                 help="--method palettize: consecutive output rows sharing one 16-entry float16 table (1: a table "
+                      "per row, the most accurate; each table costs 32 bytes)."),
     click.option("--asymmetric", is_flag=True, help=_only("symmetric") + "int4 with zero points."),
     click.option("--clip-search", is_flag=True,
                  help="int4: shrink each group's range where that lowers its squared error (data-free; SmolLM2 g32 "

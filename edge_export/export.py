@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from quantizers import default_rules
-from quantizers.schemes import Fp8Config, Int4Config, Int8Config, Rules
+from quantizers.schemes import Fp8Config, Int4Config, Int4LutConfig, Int8Config, Rules
 from runtimes.capabilities import CALIBRATED_KV_CACHES
 
 from .artifact import publish, staging_folder, write_manifest
@@ -49,7 +49,9 @@ def quant_rules(options: ExportOptions) -> Rules:
         raise ExportError(f"--clip-search applies to int4 groups; --quant {options.quant} has none")
     if options.quant in ("fp32", "fp16"):
         return Rules((("*", None),))
-    if options.quant == "int4":
+    if options.quant == "int4" and options.method == "palettize":
+        config = Int4LutConfig(rows_per_lut=options.lut_rows)
+    elif options.quant == "int4":
         config = Int4Config(options.group_size, options.symmetric, options.method, act_order=options.act_order,
                             clip_search=options.clip_search)
     elif options.method not in ("rtn", "keep"):
@@ -66,9 +68,9 @@ def quant_rules(options: ExportOptions) -> Rules:
     if options.head not in ("int4", "float"):
         raise ExportError(f"--head '{options.head}' must be int8, int4 or float")
     head = None if options.head == "float" else config
-    if options.head == "int4" and not isinstance(config, Int4Config):
+    if options.head == "int4" and not isinstance(config, (Int4Config, Int4LutConfig)):
         raise ExportError("--head int4 needs --quant int4")
-    if head is not None and config.method == "keep":
+    if head is not None and getattr(config, "method", None) == "keep":
         # a GGUF's head/embedding is Q8_0 (or wider): --head int4 asks for it re-quantized, not carried
         head = replace(config, method="rtn")
     return Rules((("lm_head.weight", head), ("model.embed_tokens.weight", head)) + rules.rules)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import InitVar, dataclass, field, fields, replace
 
-from runtimes.capabilities import (DEFAULT_QNN_SOC, KV_BYTES, KV_CACHE_NAMES, QNN_SOCS, RUNS_AS, TARGET_OPTIONS,
-                                   TARGETS, TargetCapabilities, kv_dtype)
+from runtimes.capabilities import (DEFAULT_QNN_SOC, KV_BYTES, KV_CACHE_NAMES, PALETTIZE, QNN_SOCS, RUNS_AS,
+                                   TARGET_OPTIONS, TARGETS, TargetCapabilities, kv_dtype)
 
 from .errors import ExportError
 
@@ -52,7 +52,7 @@ TARGET_GROUPS = {"accuracy_level": ("ort", OrtOptions), "soc": ("qnn", QnnOption
 FLAGS = {"symmetric": "--asymmetric", "fp8_activations": "--fp8-activations", "via": "--via",
          "accuracy_level": "--accuracy-level", "soc": "--soc", "prefill_chunk": "--prefill-chunk",
          "opt_tokens": "--opt-tokens", "kv_cache": "--kv-cache", "max_context": "--max-context",
-         "device": "--device", "quant": "--quant"}
+         "device": "--device", "quant": "--quant", "lut_rows": "--lut-rows"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,9 @@ class ExportOptions:
     target: str = "onnx"
     variant: str | None = None
     quant: str = "int4"  # see runtimes.capabilities: each target's quants
-    method: str | None = None  # rtn | awq | gptq | keep (int4); None: keep for a GGUF, else rtn
+    method: str | None = None  # rtn | awq | gptq | keep | palettize (int4); None: keep for a GGUF, else rtn
     group_size: int = 32
+    lut_rows: int = 16  # --method palettize: consecutive output rows sharing one 16-entry table
     symmetric: bool = True
     act_order: bool = False
     clip_search: bool = False  # int4: shrink each group's range where that lowers its squared error
@@ -125,6 +126,7 @@ def check_options(options: ExportOptions, caps: TargetCapabilities) -> ExportOpt
     if options.quant not in caps.quants:
         raise ExportError(f"--quant {options.quant} cannot be carried by target {caps.name} "
                           f"(it takes: {', '.join(caps.quants)})")
+    _check_method(options, caps)
     for name in (n for n in TARGET_OPTIONS if n not in caps.honours):
         value = getattr(options, name)
         if value != option_default(name):
@@ -143,6 +145,34 @@ def check_options(options: ExportOptions, caps: TargetCapabilities) -> ExportOpt
         changes["qnn"] = replace(options.qnn, soc=_qnn_soc(options.qnn.soc, profile))
     _check_positive(options, caps)
     return replace(options, **changes)
+
+
+def _check_method(options: ExportOptions, caps: TargetCapabilities) -> None:
+    """An int4 method the target's artifact cannot store, or a block-wise int4 option given with
+    --method palettize (its tables are shared by output rows: no groups of inputs, no zero points)."""
+    method = options.method
+    if method != PALETTIZE and options.lut_rows != option_default("lut_rows"):
+        raise ExportError(f"{FLAGS['lut_rows']} {options.lut_rows} (lut_rows) applies to --method {PALETTIZE} only; "
+                          "drop it")
+    if method is None:
+        return
+    if method not in caps.methods and any(method in t.methods for t in TARGETS.values()):
+        carriers = [t.name for t in TARGETS.values() if method in t.methods]
+        raise ExportError(f"--method {method} cannot be carried by target {caps.name} (its int4 methods: "
+                          f"{', '.join(caps.methods)}); {', '.join(carriers)} store(s) it")
+    if method != PALETTIZE:
+        return
+    if options.quant != "int4":
+        raise ExportError(f"--method {PALETTIZE} applies to --quant int4, not --quant {options.quant}")
+    if not (isinstance(options.lut_rows, int) and options.lut_rows >= 1):
+        raise ExportError(f"{FLAGS['lut_rows']} {options.lut_rows} (lut_rows) must be a positive number of rows")
+    blockwise = {"--group-size": (options.group_size, option_default("group_size")),
+                 FLAGS["symmetric"]: (options.symmetric, True), "--clip-search": (options.clip_search, False),
+                 "--act-order": (options.act_order, False)}
+    for flag, (value, default) in blockwise.items():
+        if value != default:
+            raise ExportError(f"{flag} ({value!r}) applies to block-wise int4, not --method {PALETTIZE}, whose "
+                              f"16-entry tables are shared by output rows ({FLAGS['lut_rows']}); drop it")
 
 
 def check_context(options: ExportOptions, caps: TargetCapabilities, spec) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import quantizers
-from quantizers import QuantizedTensor, Rules, Stats
+from quantizers import PalettizedTensor, QuantizedTensor, Rules, Stats
 from quantizers.awq import awq_quantize_shared, awq_search_shared
 
 from runtimes import rope
@@ -30,6 +30,7 @@ POINTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
           "down": ("down_proj",)}
 CALIBRATED = ("awq", "gptq")
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 at a time for row-chunked quantization
+STORED = (QuantizedTensor, PalettizedTensor)  # what a quantized tensor is handed out as
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # GGML float types
@@ -57,7 +58,7 @@ class TensorRecord:
 
 
 class QuantizedWeights:
-    """HF tensor name -> QuantizedTensor | float32, layer by layer, as ``rules`` say.
+    """HF tensor name -> QuantizedTensor | PalettizedTensor | float32, layer by layer, as ``rules`` say.
 
     ``calibration``: prompt id lists, needed when any rule's method is awq or gptq, or with
     ``kv_ranges`` (static int8 KV-cache scales, read with :meth:`kv_scales`).
@@ -118,7 +119,7 @@ class QuantizedWeights:
     def dequantized(self, name: str) -> np.ndarray:
         """What a target computes with for ``name``, as float32 (for evaluating the candidate)."""
         value = self.get(name)
-        return value.effective_weight() if isinstance(value, QuantizedTensor) else value
+        return value.effective_weight() if isinstance(value, STORED) else value
 
     # ---- one tensor at a time ----------------------------------------------------------
     def _single(self, name: str):
@@ -146,13 +147,15 @@ class QuantizedWeights:
 
     def _quantize_rows(self, source: str, name: str, config, stats: Stats | None = None) -> QuantizedTensor:
         """Quantize a tensor; one whose rows quantize independently (RTN int4/int8, per-channel
-        fp8, GPTQ: every row sees the same Hessian) and that is large (a 150k-row embedding) goes
-        in row chunks, so its float32 copy is never whole in memory."""
+        fp8, GPTQ: every row sees the same Hessian; palettize: each block of rows_per_lut rows)
+        and that is large (a 150k-row embedding) goes in row chunks, so its float32 copy is never
+        whole in memory."""
         rows, cols = self.spec.tensor_shapes()[name if name in self.spec.tensor_shapes() else source]
         separable = not (getattr(config, "scheme", "") == "fp8" and not config.per_channel)
         if rows * cols <= CHUNK_ELEMENTS or not separable:
             return quantizers.quantize(self.ckpt.tensor(source), config, name, stats)
-        step = max(1, CHUNK_ELEMENTS // cols)
+        unit = getattr(config, "rows_per_lut", 1)  # a table's rows stay in one chunk
+        step = unit * max(1, CHUNK_ELEMENTS // (cols * unit))
         parts = [quantizers.quantize(self.ckpt.tensor(source, rows=slice(r, r + step)), config, name, stats)
                  for r in range(0, rows, step)]
         return _concat_rows(parts)
@@ -320,7 +323,7 @@ class QuantizedWeights:
         """Push the calibration states through the quantized layer i (what layer i+1 will see)."""
         def value(key):
             v = out[names[key]]
-            return v.effective_weight() if isinstance(v, QuantizedTensor) else v
+            return v.effective_weight() if isinstance(v, STORED) else v
         lw = LayerWeights({key: np.asarray(value(key), np.float32) for key in layer_keys(self.spec)})
         self._hidden = [layer_forward(self.spec, lw, h, cos, sin) for h, (cos, sin) in zip(self._hidden, self._tables)]
 
@@ -359,7 +362,10 @@ def _rtn_if_calibrated(config):
     return _plain(config) if getattr(config, "method", "rtn") in CALIBRATED + ("keep",) else config
 
 
-def _concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+def _concat_rows(parts: list):
+    if isinstance(parts[0], PalettizedTensor):
+        return PalettizedTensor.concat(parts)
+
     def cat(field):
         values = [getattr(p, field) for p in parts]
         return None if values[0] is None else np.concatenate(values)
@@ -370,6 +376,8 @@ def _concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
 
 def _rows(qt: QuantizedTensor, rows: slice) -> QuantizedTensor:
     """Rows ``rows`` of ``qt`` (per-row fields sliced alike)."""
+    if isinstance(qt, PalettizedTensor):
+        return qt.rows(rows)
     def part(value):
         return None if value is None else value[rows]
     q = qt.q[rows]

@@ -28,6 +28,8 @@ def tensor_bytes(shape: tuple[int, ...], config, float_bytes: int = 2) -> int:
         groups = rows * math.ceil(cols / config.group_size)
         zero_points = 0 if config.symmetric else rows * math.ceil(math.ceil(cols / config.group_size) / 2)
         return math.ceil(count / 2) + groups * 4 + zero_points
+    if kind == "int4_lut":  # uint4 indices and a float16 table of 16 per rows_per_lut rows
+        return math.ceil(count / 2) + math.ceil(rows / config.rows_per_lut) * 16 * 2
     if kind == "int8":
         group = getattr(config, "group_size", None) or cols
         return count + rows * math.ceil(cols / group) * 4

@@ -48,6 +48,10 @@ class Engine:
 # every target (--kv-cache too: each target declares the KV dtypes it holds). An option set away from its default on a target that does not honour it is refused.
 TARGET_OPTIONS = ("symmetric", "fp8_activations", "via", "accuracy_level", "soc", "prefill_chunk",
                   "opt_tokens")
+# The int4 methods every target carries; a target that also stores another kind of int4 weight
+# (Core ML's palettized lookup tables) declares it in ``methods``.
+INT4_METHODS = ("rtn", "awq", "gptq", "keep")
+PALETTIZE = "palettize"  # 16-entry lookup tables per group of output rows: constexpr_lut_to_dense
 # Verification scorers a target names (edge_export/verify_scorers.py implements them).
 SCORERS = ("backend", "folded-dq", "qnn-static", "coreml-module", "coreml-program")
 
@@ -61,7 +65,8 @@ class TargetCapabilities:
     precisions it carries. ``kv_caches``: KV dtypes its export can hold, the first being what it holds
     when none is asked for. ``static_kv``: static shapes, so every decode step reads the whole KV
     buffer. ``max_context``: (least, most) positions its KV cache may hold; most None: the model's
-    max_position_embeddings. ``honours``: which of TARGET_OPTIONS it reads. ``scorer``: what verifies
+    max_position_embeddings. ``honours``: which of TARGET_OPTIONS it reads. ``methods``: the int4
+    `--method`s its artifact stores. ``scorer``: what verifies
     its export (SCORERS). ``calibrates``: its export needs calibration prompts of its own (qnn's
     activation ranges). ``compute``: weight precision -> the precision its graph computes in, which
     prices prefill: int8 (dynamic int8 activations), int16 (w4a16 NPU graphs), fp16, fp8, float (fp32 /
@@ -83,6 +88,7 @@ class TargetCapabilities:
     max_context: tuple[int, int | None] = (1, None)
     default_variant: bool = True
     calibrates: bool = False
+    methods: tuple[str, ...] = INT4_METHODS
 
     def kv_cache(self, asked: str | None) -> str:
         """The KV dtype an export of this target holds when ``asked`` is requested (None: its own)."""
@@ -135,7 +141,8 @@ TARGETS: dict[str, TargetCapabilities] = {t.name: t for t in (
         "an ML Program (iOS 18 / macOS 15): KV cache as Core ML state (fp16), flexible query length, "
         "block-wise int4/int8 weights; predicts on macOS only",
         ("fp16", "int8", "int4"), ("float16",), False, {"*": "fp16"},
-        frozenset({"symmetric"}), "coreml-program", {IPHONE: CORE_ML_GPU, MAC: CORE_ML_GPU}),
+        frozenset({"symmetric"}), "coreml-program", {IPHONE: CORE_ML_GPU, MAC: CORE_ML_GPU},
+        methods=INT4_METHODS + (PALETTIZE,)),
     # the same program, traced from a torch module and converted by coremltools: a cross-check of the
     # builder on small models (it holds the whole model in float32), not a deployment choice of its own
     TargetCapabilities(
@@ -143,7 +150,7 @@ TARGETS: dict[str, TargetCapabilities] = {t.name: t for t in (
         "the `mlprogram` program traced from a float32 torch module and converted by coremltools (whose "
         "numerics cross-check the MIL builder's); needs the whole model in float32 memory",
         ("fp16", "int8", "int4"), ("float16",), False, {"*": "fp16"},
-        frozenset({"symmetric"}), "coreml-module", default_variant=False),
+        frozenset({"symmetric"}), "coreml-module", default_variant=False, methods=INT4_METHODS + (PALETTIZE,)),
     TargetCapabilities(
         "tensorrt", "tensorrt", "explicit",
         "the portable graph in fp16 (activations and KV cache) with TensorRT's explicit quantization: "

@@ -16,6 +16,7 @@ SAMPLE_CONFIGS = {  # one instance of every registered scheme, non-default where
     "int4": Q.Int4Config(group_size=64, symmetric=False, method="gptq", act_order=True, damp=0.05),
     "int8": Q.Int8Config(group_size=32),
     "fp8": Q.Fp8Config(per_channel=True, activation_scales=True),
+    "int4_lut": Q.Int4LutConfig(rows_per_lut=4, iterations=10),  # palettize: test_quantizers_palettize.py
 }
 
 
@@ -31,7 +32,8 @@ def gaussian(n, k, seed=0):
 
 def test_every_registered_scheme_and_handler_is_tested():
     assert set(SAMPLE_CONFIGS) == set(Q.SCHEMES)
-    tested_handlers = {("int4", m) for m in ("rtn", "awq", "gptq", "keep")} | {("int8", "rtn"), ("fp8", "rtn")}
+    tested_handlers = {("int4", m) for m in ("rtn", "awq", "gptq", "keep")} | {("int8", "rtn"), ("fp8", "rtn"),
+                                                                              ("int4_lut", "palettize")}
     assert set(Q.HANDLERS) == tested_handlers
 
 
@@ -61,7 +63,7 @@ def test_bad_int4_options_are_named(kwargs, message):
 
 def test_scheme_from_dict_names_unknown_scheme_and_option():
     with pytest.raises(Q.QuantizationError,
-                       match=r"scheme 'int3' is unknown; known schemes: \['fp8', 'int4', 'int8'\]"):
+                       match=r"scheme 'int3' is unknown; known schemes: \['fp8', 'int4', 'int4_lut', 'int8'\]"):
         Q.scheme_from_dict({"scheme": "int3"})
     with pytest.raises(Q.QuantizationError, match=r"scheme 'int8' has no option\(s\) \['bits'\]"):
         Q.scheme_from_dict({"scheme": "int8", "bits": 8})

@@ -113,7 +113,7 @@ TABLE_BEGIN, TABLE_END = "<!-- BEGIN declarations (runtimes/capabilities.py) -->
 def capabilities_markdown() -> str:
     """The README's table of every declaration (what --quant, --kv-cache and the per-target options
     each target takes, its cache, its verification and its engines), between TABLE_BEGIN/END."""
-    from runtimes.capabilities import TARGETS, KV_CACHE_NAMES
+    from runtimes.capabilities import INT4_METHODS, TARGETS, KV_CACHE_NAMES
 
     from ..options import FLAGS
     short = {dtype: name for name, dtype in KV_CACHE_NAMES.items()}
@@ -123,7 +123,9 @@ def capabilities_markdown() -> str:
         runs_as = RUNS_AS.get(caps.name, ())
         engines = (", ".join(f"{kind}: {e.engine}" for kind, e in caps.engines.items())
                    or ("as " + " or ".join(runs_as) if runs_as else "none: a cross-check, not offered by plan"))
-        rows.append(f"| `{caps.name}` | {', '.join(caps.quants)} | "
+        extra = [m for m in caps.methods if m not in INT4_METHODS]  # an int4 form only some targets store
+        quants = ", ".join(caps.quants) + "".join(f" (int4 also `--method {m}`)" for m in extra)
+        rows.append(f"| `{caps.name}` | {quants} | "
                     f"{', '.join(short.get(k, k) for k in caps.kv_caches)}{' (static)' if caps.static_kv else ''} | "
                     f"{', '.join(f'`{FLAGS[o]}`' for o in sorted(caps.honours)) or '-'} | {caps.scorer} | {engines} |")
     return "\n".join(rows + [TABLE_END])

@@ -68,10 +68,10 @@ def _check_spilled(folder: Path, table: dict, spill) -> None:
     """The bytes runtimes reads from weight.bin must be exactly the stored forms the builder wrote:
     each blob the weights table points at, compared with the spill file byte for byte, one blob at
     a time (a 4-bit one as its two-a-byte packing)."""
-    from .coreml_weights import _op_name
+    from .coreml_weights import FORMATS, _op_name
     for name, entry in table.items():
         tag = _op_name(name)
-        consts = ({"data": f"{tag}_data", "scale": f"{tag}_scale", "offset": f"{tag}_offset"}
+        consts = ({key: f"{tag}_{key}" for key in FORMATS[entry["format"]][1]}
                   if entry["format"] != "float" else {"data": tag})
         for key, const in consts.items():
             ref = entry.get(key)

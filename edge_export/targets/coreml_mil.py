@@ -106,7 +106,8 @@ class ProgramBuilder:
 
     # ---- weights -----------------------------------------------------------------------
     def weight(self, name: str):
-        """The Var of HF tensor ``name``: float16 const, or constexpr_blockwise_shift_scale."""
+        """The Var of HF tensor ``name``: float16 const, constexpr_blockwise_shift_scale, or
+        constexpr_lut_to_dense (palettized)."""
         mb = self.mb
         stored = pack_weight(name, self.weights.get(name))
         tag = _op_name(name)
@@ -114,6 +115,8 @@ class ProgramBuilder:
             var = self.spill.const(mb, stored.value, tag)
             self.packed[name] = CoreMLWeight(name, value=_placeholder(stored.value))
             return var
+        if stored.indices is not None:
+            return self.lut_weight(name, stored, tag)
         sub_byte = {"int4": self.types.np_int4_dtype, "uint4": self.types.np_uint4_dtype}
         data = stored.data.astype(sub_byte.get(stored.data_type, stored.data.dtype))
         inputs = {"data": self.spill.const(mb, data, f"{tag}_data"),
@@ -126,6 +129,15 @@ class ProgramBuilder:
             name, data=_placeholder(stored.data), data_type=stored.data_type, scale=_placeholder(stored.scale),
             offset=None if offset is None else _placeholder(stored.offset))
         return mb.constexpr_blockwise_shift_scale(**inputs, name=tag)
+
+    def lut_weight(self, name: str, stored: CoreMLWeight, tag: str):
+        """iOS 18 constexpr_lut_to_dense(indices uint4 [N, K], lut fp16 [N/rows, 1, 16, 1]) -> fp16
+        [N, K] with ``out[n, k] = lut[n // rows, 0, indices[n, k], 0]`` (runtimes' decode_lut)."""
+        indices = stored.indices.astype(self.types.np_uint4_dtype)
+        inputs = {"indices": self.spill.const(self.mb, indices, f"{tag}_indices"),
+                  "lut": self.spill.const(self.mb, stored.lut, f"{tag}_lut")}
+        self.packed[name] = CoreMLWeight(name, indices=_placeholder(stored.indices), lut=_placeholder(stored.lut))
+        return self.mb.constexpr_lut_to_dense(**inputs, name=tag)
 
     def layer_weight(self, key: str, i: int):
         return self.weight(self.spec.tensor_name(key, i))

@@ -24,15 +24,20 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from quantizers import QuantizedTensor
+from quantizers import PalettizedTensor, QuantizedTensor
 from quantizers.errors import QuantizationError
 from quantizers.pack import pack_coreml_blockwise
 
-from runtimes.backends.coreml import decode_blockwise
+from runtimes.backends.coreml import decode_blockwise, decode_lut
 
 from ..errors import ExportError
 
 CONSTEXPR = "constexpr_blockwise_shift_scale"
+LUT_CONSTEXPR = "constexpr_lut_to_dense"
+# a stored format's constexpr op, and its inputs as the weights table names them (each input's const
+# in the program is named "{tensor}_{input}")
+FORMATS = {"coreml_blockwise": (CONSTEXPR, ("data", "scale", "offset")),
+           "coreml_lut": (LUT_CONSTEXPR, ("indices", "lut"))}
 WEIGHTS_BIN = "Data/com.apple.CoreML/weights/weight.bin"
 BLOB_SENTINEL = 0xDEADBEEF
 # MILBlob's BlobDataType -> (our dtype name, numpy dtype of the stored bytes)
@@ -42,9 +47,10 @@ BLOB_TYPES = {1: ("float16", np.float16), 2: ("float32", np.float32), 3: ("uint8
 
 @dataclass
 class CoreMLWeight:
-    """One tensor as the package stores it: float16 ``value``, or blockwise ``data`` of
+    """One tensor as the package stores it: float16 ``value``; or blockwise ``data`` of
     ``data_type`` (int4 as int8 -8..7, uint4 as uint8 0..15, int8, uint8) with float16 ``scale``
-    [N, K/g] and ``offset`` [N, K/g] (data's type, or float16) or None."""
+    [N, K/g] and ``offset`` [N, K/g] (data's type, or float16) or None; or palettized ``indices``
+    (uint4 as uint8 0..15 [N, K]) into ``lut`` (float16 [N / rows, 1, 16, 1], constexpr_lut_to_dense's)."""
 
     name: str
     value: Optional[np.ndarray] = None
@@ -52,21 +58,33 @@ class CoreMLWeight:
     data_type: str = ""
     scale: Optional[np.ndarray] = None
     offset: Optional[np.ndarray] = None
+    indices: Optional[np.ndarray] = None
+    lut: Optional[np.ndarray] = None
 
     @property
     def quantized(self) -> bool:
-        return self.data is not None
+        return self.data is not None or self.indices is not None
+
+    @property
+    def format(self) -> str:
+        """The weights table's format: float, coreml_blockwise or coreml_lut."""
+        return "coreml_lut" if self.indices is not None else "coreml_blockwise" if self.data is not None else "float"
 
     def dequantized(self) -> np.ndarray:
         """float32: exactly what the stored form decodes to (runtimes' reader computes the same)."""
         if not self.quantized:
             return self.value.astype(np.float32)
+        if self.indices is not None:
+            return decode_lut(self.indices, self.lut)
         offset = None if self.offset is None else self.offset.astype(np.float32)
         return decode_blockwise(self.data.astype(np.float32), self.scale.astype(np.float32), offset)
 
 
 def pack_weight(name: str, value) -> CoreMLWeight:
     """A QuantizedTensor or float array -> its Core ML stored form (ExportError if it has none)."""
+    if isinstance(value, PalettizedTensor):
+        indices, lut = value.coreml_lut()
+        return CoreMLWeight(name, indices=indices.astype(np.uint8), lut=lut.astype(np.float16))
     if not isinstance(value, QuantizedTensor):
         return CoreMLWeight(name, value=_float16(name, np.asarray(value, np.float32)))
     if value.input_scale is not None:
@@ -142,12 +160,16 @@ def replace_weight_consts(program, const_names: dict[str, str], packed: dict[str
 def _constexpr(mb, types, op, weight: CoreMLWeight):
     from coremltools.converters.mil.mil.scope import ScopeInfo
 
-    sub_byte = {"int4": types.np_int4_dtype, "uint4": types.np_uint4_dtype}
-    data = weight.data.astype(sub_byte.get(weight.data_type, weight.data.dtype))
     tag = _op_name(weight.name)
     # the torch frontend requires every op to say which module it came from: the tensor's own name
     scopes = [ScopeInfo(source=source, data=[weight.name]) for source in op.enclosing_block._essential_scope_sources]
     with mb.scope(*scopes):
+        if weight.indices is not None:
+            return mb.constexpr_lut_to_dense(
+                indices=mb.const(val=weight.indices.astype(types.np_uint4_dtype), name=f"{tag}_indices", before_op=op),
+                lut=mb.const(val=weight.lut, name=f"{tag}_lut", before_op=op), name=tag, before_op=op)
+        sub_byte = {"int4": types.np_int4_dtype, "uint4": types.np_uint4_dtype}
+        data = weight.data.astype(sub_byte.get(weight.data_type, weight.data.dtype))
         inputs = {"data": mb.const(val=data, name=f"{tag}_data", before_op=op),
                   "scale": mb.const(val=weight.scale, name=f"{tag}_scale", before_op=op)}
         if weight.offset is not None:
@@ -176,14 +198,14 @@ def _operations(spec):
 # ---- the saved package -> the manifest's weights table -----------------------------------
 
 def weights_table(package: Path, package_name: str, packed: dict[str, CoreMLWeight]) -> dict:
-    """HF tensor name -> where the saved package holds it (runtimes' ``coreml_blockwise`` or
-    ``float`` entries over ``{package_name}/Data/.../weight.bin``)."""
+    """HF tensor name -> where the saved package holds it (runtimes' ``coreml_blockwise``,
+    ``coreml_lut`` or ``float`` entries over ``{package_name}/Data/.../weight.bin``)."""
     import coremltools as ct
 
     spec = ct.utils.load_spec(str(package))
     blobs = _Blobs(package / WEIGHTS_BIN, f"{package_name}/{WEIGHTS_BIN}")
     consts = {op.outputs[0].name: op for op in _operations(spec) if op.type == "const"}
-    ops = {op.outputs[0].name: op for op in _operations(spec) if op.type == CONSTEXPR}
+    ops = {op.outputs[0].name: op for op in _operations(spec) if op.type in (CONSTEXPR, LUT_CONSTEXPR)}
     table = {}
     for name, weight in packed.items():
         if not weight.quantized:
@@ -191,10 +213,16 @@ def weights_table(package: Path, package_name: str, packed: dict[str, CoreMLWeig
             value = const.attributes["val"] if const is not None else None
             table[name] = {"format": "float", "data": blobs.ref(_blob_offset(value, name), list(weight.value.shape))}
             continue
+        op_type, _ = FORMATS[weight.format]
         op = ops.get(_op_name(name))
-        if op is None:
-            raise ExportError(f"the saved package has no {CONSTEXPR} for tensor {name}")
+        if op is None or op.type != op_type:
+            raise ExportError(f"the saved package has no {op_type} for tensor {name}")
         args = {key: _blob_offset(_argument_value(arg.arguments[0], consts), name) for key, arg in op.inputs.items()}
+        if weight.format == "coreml_lut":
+            table[name] = {"format": "coreml_lut", "shape": list(weight.indices.shape),
+                           "indices": blobs.ref(args["indices"], list(weight.indices.shape)),
+                           "lut": blobs.ref(args["lut"], list(weight.lut.shape))}
+            continue
         entry = {"format": "coreml_blockwise", "shape": list(weight.data.shape),
                  "data": blobs.ref(args["data"], list(weight.data.shape)),
                  "scale": blobs.ref(args["scale"], list(weight.scale.shape)), "offset": None}

@@ -3,7 +3,7 @@
 The model keeps its KV cache as Core ML state; one state (``make_state()``) lives per generation
 and prefill and decode are the same ``predict`` with a different query length. Core ML cannot
 predict on Linux: there ``available()`` says so, and the `reference` backend runs the artifact's
-weights (read from the package's weight.bin by ``coreml_blockwise`` below) with numpy.
+weights (read from the package's weight.bin by ``coreml_blockwise`` / ``coreml_lut`` below) with numpy.
 coremltools is imported only when the backend is built.
 """
 from __future__ import annotations
@@ -101,6 +101,20 @@ def decode_blockwise(data: np.ndarray, scale: np.ndarray, offset: np.ndarray | N
     return (blocks * scale[:, None, :, None]).reshape(n, k).astype(np.float32)
 
 
+def decode_lut(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Core ML's iOS 18 constexpr_lut_to_dense for scalar palettes (VECTOR_SIZE 1) over a 2-D
+    weight: ``indices`` [N, K] (0..2**bits-1), ``lut`` [N/bn, K/bk, 2**bits, 1] with one table
+    per block of bn rows and bk columns; ``out[n, k] = lut[n // bn, k // bk, indices[n, k], 0]``
+    as float32 [N, K]."""
+    n, k = indices.shape
+    tn, tk, palette, vector = lut.shape
+    if vector != 1 or n % tn or k % tk:
+        raise ValueError(f"lut {lut.shape} does not fit indices {indices.shape} (scalar palettes only)")
+    blocks = indices.reshape(tn, n // tn, tk, k // tk).transpose(0, 2, 1, 3).reshape(tn, tk, -1).astype(np.intp)
+    values = np.take_along_axis(lut[..., 0].astype(np.float32), blocks, axis=2)
+    return values.reshape(tn, tk, n // tn, k // tk).transpose(0, 2, 1, 3).reshape(n, k)
+
+
 def _values(weights, ref: dict) -> np.ndarray:
     """A blob as float32 in its logical shape; 4-bit blobs hold two values a byte, low nibble first."""
     packed = ref.get("packed")
@@ -121,4 +135,9 @@ def _coreml_blockwise(weights, entry: dict) -> np.ndarray:
     return decode_blockwise(_values(weights, entry["data"]), _values(weights, entry["scale"]), offset)
 
 
+def _coreml_lut(weights, entry: dict) -> np.ndarray:
+    return decode_lut(_values(weights, entry["indices"]), _values(weights, entry["lut"]))
+
+
 UNPACKERS["coreml_blockwise"] = _coreml_blockwise
+UNPACKERS["coreml_lut"] = _coreml_lut
