@@ -250,7 +250,8 @@ def test_coreml_carries_the_codes_and_rounds_only_scales_to_fp16(r1_tiny_q4km, t
         expected = gguf_py_tensor(path, name, ckpt)
         assert np.allclose(stored(name), expected, rtol=0, atol=np.abs(expected).max() * 2e-3), name
         # not bit for bit, so the record says so and names the loss of that tensor alone
-        assert records[name]["exact"] is False and 0 < records[name]["loss"]["kl"] < 1e-6, name
+        # a rounding this small on a tiny model can measure as 0 to float rounding (-5e-17 seen)
+        assert records[name]["exact"] is False and -1e-12 < records[name]["loss"]["kl"] < 1e-6, name
         assert 0 < records[name]["loss"]["relative_weight_error"] < 1e-3, name
     assert manifest["quantization"]["tensor_loss"]["measure"] == "kl"
 
