@@ -1,5 +1,6 @@
 """The README's memory tables: benchmarks/memory_1p5b.sh's measurements (memory_1p5b.jsonl) and
-benchmarks/memory_7b.sh's (memory_<preset>.jsonl, one a full-size 7B/8B fixture).
+benchmarks/memory_7b.sh's (memory_<preset>.jsonl, one a full-size 7B/8B fixture: memory_r1-distill-qwen-7b
+and memory_r1-distill-llama-8b).
 
     python3 benchmarks/memory_table.py      # writes benchmarks/results/memory_*.md
 
