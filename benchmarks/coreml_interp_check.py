@@ -52,15 +52,21 @@ print("RESULT " + json.dumps({{"export_s": time.perf_counter() - start, "verific
 """
 
 
+def _timed_child(code: str, what: str) -> tuple[dict, int, str]:
+    """Run code in a child under /usr/bin/time -v: its RESULT line, peak RSS in KiB, and stderr."""
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return result, peak_kb, proc.stderr
+
+
 def run(mode: str, folder: Path) -> dict:
     out = folder / mode
     code = CHILD.format(root=str(ROOT), mode=mode, out=str(out), prompts=str(PROMPTS))
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
+    result, peak_kb, stderr = _timed_child(code, mode)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", stderr).group(1)
     seconds = sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":"))))
     shutil.rmtree(out, ignore_errors=True)
     v = result["verification"]
@@ -97,11 +103,7 @@ print("RESULT " + json.dumps({{"export_s": time.perf_counter() - start, "argmax"
 
 def scorer_only(mode: str, artifact: Path, data: Path) -> dict:
     code = SCORER.format(root=str(ROOT), mode=mode, data=str(data), artifact=str(artifact))
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode} scorer failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    result, peak_kb, _ = _timed_child(code, f"{mode} scorer")
     return {"peak_rss_gib": round(peak_kb / 2**20, 3), "scoring_s": round(result["export_s"], 1),
             "argmax": result["argmax"], "greedy": result["greedy"]}
 
