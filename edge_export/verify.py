@@ -193,7 +193,14 @@ class FixedReference:
 
 
 class RuntimeScorer:
-    """Any runtime backend (prefill / decode) as a scorer, one sequence at a time."""
+    """Any runtime backend (prefill / decode) as a scorer, one sequence at a time.
+
+    ``greedy_from_forcing``: its teacher forcing makes the very calls its greedy run makes, so up
+    to the first position where its argmax leaves the reference's continuation the two have the same
+    context and pick the same tokens: the greedy match is read off the teacher-forced argmaxes,
+    without generating (compare)."""
+
+    greedy_from_forcing = True
 
     def __init__(self, backend):
         self.backend = backend
@@ -227,17 +234,23 @@ def compare(reference, candidate, prompts: list[list[int]], n_new: int = N_NEW) 
     (the ML Program interpreter: one weight pass for all of them; a ``batched`` layer-major
     candidate takes every prompt in one pass over its layers), so only the reference's log-probs
     and a batch of the candidate's are held (a 150k vocabulary over 24 x 32 positions is 470 MB of
-    float32 per copy)."""
+    float32 per copy). A candidate that declares ``greedy_from_forcing`` does not generate: its
+    greedy match is where its teacher-forced argmaxes first leave the reference's tokens."""
     ref_tokens, ref_logprobs = reference.greedy(prompts, n_new)
-    kls, agree = [], []
+    kls, agree, choices = [], [], []
     batch = len(prompts) if getattr(candidate, "batched", False) else max(1, int(getattr(candidate, "batch", 1)))
     for first in range(0, len(prompts), batch):
         part = slice(first, first + batch)
         for rl, cl in zip(ref_logprobs[part], candidate.teacher_forced(prompts[part], ref_tokens[part])):
             kls.extend((np.exp(rl.astype(np.float64)) * (rl - cl)).sum(axis=-1))
             agree.extend(rl.argmax(-1) == cl.argmax(-1))
-    cand_tokens, _ = candidate.greedy(prompts, n_new)
-    matches = [_common_prefix(a, b) for a, b in zip(ref_tokens, cand_tokens)]
+            choices.append([int(c) for c in cl.argmax(-1)])
+    if getattr(candidate, "greedy_from_forcing", False):
+        # its greedy tokens equal its teacher-forced argmaxes up to the first one that misses
+        matches = [_common_prefix(a, b) for a, b in zip(ref_tokens, choices)]
+    else:
+        cand_tokens, _ = candidate.greedy(prompts, n_new)
+        matches = [_common_prefix(a, b) for a, b in zip(ref_tokens, cand_tokens)]
     return Figures(kl_mean=float(np.mean(kls)), top1_agreement=float(np.mean(agree)),
                    greedy_match_tokens=float(np.mean(matches)), prompts=len(prompts), positions=len(kls))
 

@@ -89,6 +89,30 @@ def smollm2_int4_artifact(tmp_path_factory) -> Path:
     return folder / "smollm2-int4"
 
 
+def greedy_match_both_ways(reference, make_candidate, prompts, n_new):
+    """verify.compare's figures for a candidate that declares ``greedy_from_forcing`` (its greedy
+    match read off teacher forcing), the same with the candidate made to generate its greedy tokens
+    (the flag hidden), and each prompt's match from a fresh candidate's own greedy run."""
+    from edge_export.verify import FixedReference, _common_prefix, compare
+
+    class Generating:
+        greedy_from_forcing = False
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    tokens, logprobs = reference.greedy(prompts, n_new)
+    candidate = make_candidate()
+    assert candidate.greedy_from_forcing
+    read = compare(FixedReference(tokens, logprobs), candidate, prompts, n_new)
+    made = compare(FixedReference(tokens, logprobs), Generating(make_candidate()), prompts, n_new)
+    generated = make_candidate().greedy(prompts, n_new)[0]
+    return read, made, [_common_prefix(a, b) for a, b in zip(tokens, generated)]
+
+
 # ---- which backends generated tokens in this session (test_completeness reads it at the end) ----
 GENERATED_TOKENS: dict[str, int] = {}  # backend name -> tokens the shared Generator produced over it
 

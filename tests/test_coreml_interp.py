@@ -14,7 +14,7 @@ from edge_export.export import ExportOptions, export
 from edge_export.verify import FixedReference, LayerMajorScorer, compare
 from runtimes.artifact import read_manifest
 
-from .conftest import ARCH_PRESETS, small_vocab_checkpoint
+from .conftest import ARCH_PRESETS, greedy_match_both_ways, small_vocab_checkpoint
 
 ct = pytest.importorskip("coremltools", reason="coremltools is not installed (pip install coremltools==9.0): "
                                                "the coreml target cannot convert here")
@@ -129,6 +129,16 @@ def test_a_miswired_program_fails_verification(llama, tmp_path, change):
     assert figures["bad"].kl_mean > 3 * figures["good"].kl_mean, figures
     assert figures["bad"].top1_agreement < figures["good"].top1_agreement - 0.2, figures
     assert figures["module"].kl_mean == pytest.approx(figures["good"].kl_mean, abs=1e-3), figures
+
+
+def test_greedy_match_is_read_off_teacher_forcing(llama):
+    """compare() does not make the interpreter generate: the greedy match it reads off the teacher-
+    forced argmaxes is the one a greedy run gives (prompts whose runs leave the reference mid-way)."""
+    ckpt, good = llama
+    reference = LayerMajorScorer(good.spec, open_checkpoint(str(ckpt)).tensor)
+    read, made, matches = greedy_match_both_ways(reference, lambda: program_scorer(good, None), PROMPTS, 12)
+    assert read == made and read.greedy_match_tokens == pytest.approx(np.mean(matches))
+    assert any(0 < m < 12 for m in matches), matches
 
 
 def test_an_unknown_op_is_refused_by_name(llama, tmp_path):

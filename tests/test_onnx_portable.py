@@ -205,6 +205,24 @@ def test_streamed_tensorrt_graph_matches_within_fp16(tiny_llama, tmp_path, monke
     _same_scores(*_scorers(tiny_llama, tmp_path / "a", monkeypatch, target="tensorrt"), 1e-2)
 
 
+def test_greedy_match_is_read_off_teacher_forcing(tiny_llama, tmp_path, monkeypatch):
+    """The folded graph (a RuntimeScorer: prefill, then a decode per token) and the streamed one
+    declare greedy_from_forcing; compare()'s greedy match read off their teacher forcing is what
+    their own greedy runs give."""
+    from edge_export.checkpoint import open_checkpoint
+    from edge_export.verify import LayerMajorScorer
+    from tests.conftest import greedy_match_both_ways
+    whole, streamed, _ = _scorers(tiny_llama, tmp_path / "a", monkeypatch, target="onnx", variant="portable")
+    ckpt = open_checkpoint(str(tiny_llama))
+    reference = LayerMajorScorer(ckpt.spec, ckpt.tensor)
+    rng = np.random.default_rng(7)
+    prompts = [[int(t) for t in rng.integers(0, 200, n)] for n in (7, 12, 3, 9)]
+    for scorer in (whole, streamed):
+        read, made, matches = greedy_match_both_ways(reference, lambda: scorer, prompts, 10)
+        assert read == made and read.greedy_match_tokens == pytest.approx(np.mean(matches)), type(scorer)
+        assert any(0 < m < 10 for m in matches), (type(scorer), matches)
+
+
 def test_export_verified_streamed_reports_the_same_figures(tiny_llama, tmp_path, monkeypatch):
     """An export verified through the streamed scorer (compare() scores its prompts in one batched
     pass) reports the whole-graph verification's figures, and says how it verified."""

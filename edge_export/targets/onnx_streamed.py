@@ -29,6 +29,7 @@ class StreamedGraphScorer:
     ``batched``: teacher_forced takes every prompt at once (one pass over the layers)."""
 
     batched = True
+    greedy_from_forcing = True  # each teacher-forced token is the run a greedy step makes (verify.RuntimeScorer)
     verified_with = ("onnxruntime CPU, the graph run layer by layer over every prompt, each layer's "
                      "DequantizeLinear weights folded to float while it runs")
 
