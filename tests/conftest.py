@@ -143,3 +143,14 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("session_end") is not None)  # stable: others keep order
+
+
+def terminal_signals() -> None:
+    """preexec_fn for a child that a test interrupts: Ctrl-C's default disposition, as a terminal gives it.
+
+    A suite started in the background by a non-interactive shell (`cmd &`, nohup) ignores SIGINT and SIGQUIT,
+    children inherit that, and Python then installs no KeyboardInterrupt handler, so the child never sees Ctrl-C.
+    """
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)

@@ -25,6 +25,8 @@ import runtimes
 from edge_export.cli import main
 from runtimes.server import ServeConfig, running
 
+from .conftest import terminal_signals
+
 KEY = "test-key-0123"
 BUDGETS = {"low": 3, "medium": 8, "high": None}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
@@ -387,7 +389,7 @@ def test_serve_command_and_bench_over_http(r1_tiny_artifact, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(root))
     server = subprocess.Popen([sys.executable, "-m", "edge_export.cli", "serve", str(r1_tiny_artifact), "--port",
                                str(port), "--model-name", "tiny-r1"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, preexec_fn=terminal_signals)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: server.poll() is None and _healthy(url), "the server to start", 60)

@@ -13,6 +13,8 @@ from edge_export.errors import ExportError
 from runtimes.artifact import load_artifact
 from runtimes.errors import ArtifactError
 
+from ..conftest import terminal_signals
+
 
 def make_artifact(folder, text="v1"):
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,8 @@ def test_killed_export_leaves_no_artifact(tmp_path, sig):
             print("ready", flush=True)
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=terminal_signals)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(sig)
     proc.wait(timeout=30)

@@ -6,6 +6,8 @@ import sys
 
 from edge_export.export import ExportOptions, export
 
+from ..conftest import terminal_signals
+
 
 def test_ctrl_c_during_run(tiny_llama, tmp_path):
     art = tmp_path / "art"
@@ -13,7 +15,7 @@ def test_ctrl_c_during_run(tiny_llama, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "edge_export.cli", "run", str(art), "hello", "--temperature", "0",
                              "--max-new-tokens", "4000", "--backend", "reference"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=terminal_signals)
     assert proc.stdout.read(1)  # generation has started
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
