@@ -90,6 +90,16 @@ class QuantizedTensor:
             w = w + self.residual[:, :, None]
         return w.reshape(n, k).astype(np.float32, copy=False)
 
+    def rows(self, rows: slice) -> "QuantizedTensor":
+        """Output rows ``rows`` with their scales (a whole-tensor fp8 scale is shared): lets a
+        consumer dequantize a 150k-row head a block at a time instead of whole in float32."""
+        start, stop, _ = rows.indices(self.shape[0])
+        def cut(a):
+            return None if a is None else a[start:stop]
+        scales = self.scales if self.scales.shape == (1, 1) else self.scales[start:stop]
+        return dataclasses.replace(self, q=self.q[start:stop], scales=scales, zero_points=cut(self.zero_points),
+                                   residual=cut(self.residual), shape=(stop - start, self.shape[1]))
+
     def effective_weight(self) -> np.ndarray:
         """float32 [N, K] to multiply the layer's original input with: ``dequantize() / input_scale``."""
         w = self.dequantize()

@@ -25,12 +25,13 @@ import numpy as np
 import onnx
 import pytest
 
+import quantizers as Q
 import runtimes
 from edge_export.checkpoint import open_checkpoint
 from edge_export.checkpoint.safetensors_io import write_safetensors
 from edge_export.errors import ExportError
 from edge_export.export import ExportOptions, export
-from edge_export.targets import onnx_qnn, onnx_qnn_qdq
+from edge_export.targets import onnx_layers, onnx_qnn, onnx_qnn_qdq
 from edge_export.targets.onnx_qnn import compile_context, lpbq
 from runtimes.backends.qnn import StaticDecoder, qnn_available
 from runtimes.errors import ArtifactError, ContextOverflowError
@@ -143,6 +144,24 @@ def test_lpbq_packs_int4_with_4bit_block_scales():
     assert np.square(back - w).sum() <= np.square(plain - w).sum()
 
 
+@pytest.mark.parametrize("source", ["int4-groups", "int4-per-row", "int8-groups", "float"])
+def test_requantizing_a_block_of_rows_at_a_time_changes_nothing(source, monkeypatch):
+    """to_qlinear quantizes every output row on its own, so running it ROW_BLOCK_ELEMENTS weights
+    at a time (a 152k-row head is never whole in float32) gives the very codes and scales."""
+    w = np.random.default_rng(1).standard_normal((37, 128)).astype(np.float32)
+    value = {"int4-groups": lambda: Q.quantize(w, Q.Int4Config(group_size=32, symmetric=False)),
+             "int4-per-row": lambda: Q.quantize(w, Q.Int4Config(group_size=128)),
+             "int8-groups": lambda: Q.quantize(w, Q.Int8Config(group_size=64)),
+             "float": lambda: w}[source]()
+    whole = onnx_qnn.to_qlinear(value, "w")
+    monkeypatch.setattr(onnx_qnn, "ROW_BLOCK_ELEMENTS", 5 * 128)  # blocks of 5 rows, the last of 2
+    blocked = onnx_qnn.to_qlinear(value, "w")
+    for field in ("codes", "scales", "block_scales"):
+        a, b = getattr(whole, field), getattr(blocked, field)
+        assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and np.array_equal(a, b))), field
+    assert (blocked.bits, blocked.block_size, blocked.codes.shape) == (whole.bits, whole.block_size, (128, 37))
+
+
 def test_qnn_refuses_float_and_foreign_artifacts(smollm2_slice, tmp_path):
     with pytest.raises(ExportError, match=r"--quant fp32 cannot be carried by target onnx/qnn \(it takes: int8, int4\)"):
         export(smollm2_slice, tmp_path / "f", ExportOptions(target="onnx", variant="qnn", quant="fp32", verify=False))
@@ -239,6 +258,8 @@ def test_layer_major_calibration_matches_the_whole_graph(tiny_checkpoint, tmp_pa
         seen["points"] = points
         seen["whole"] = _whole_graph_ranges(model, folder, points, spec, max_context, seq, prompts)
         seen["layer"] = layer_major(model, folder, points, spec, max_context, seq, prompts, threads)
+        graph = onnx_layers.LayerGraph(model, folder)
+        seen["embed"] = onnx.load_from_string(graph._segment_model(graph.segments[0]))
         return seen["layer"]
 
     monkeypatch.setattr(onnx_qnn, "calibrate", both)
@@ -246,9 +267,14 @@ def test_layer_major_calibration_matches_the_whole_graph(tiny_checkpoint, tmp_pa
                                                           verify=False, prefill_chunk=16))
     whole, layer = seen["whole"], seen["layer"]
     assert set(layer) == set(whole) and len(whole) > 20 * 2
+    # the embedding segment gathers the uint16 table's rows, then dequantizes only those
+    embed = seen["embed"]
+    table = next(n for n in embed.graph.node if n.op_type == "Gather").input[0]
+    assert table in {t.name for t in embed.graph.initializer} and table.endswith("embed_tokens.table")
+    assert [n.op_type for n in embed.graph.node] == ["Gather", "DequantizeLinear"]
     for t, (lo, hi) in whole.items():
         assert np.allclose(layer[t], (lo, hi), rtol=1e-5, atol=1e-6), (t, layer[t], (lo, hi))
-    params = {k: onnx_qnn_qdq.resolve_params(seen["points"], r) for k, r in seen.items() if k != "points"}
+    params = {k: onnx_qnn_qdq.resolve_params(seen["points"], seen[k]) for k in ("whole", "layer")}
     for t, (scale, zero_point) in params["whole"].items():
         assert params["layer"][t][0] == pytest.approx(scale, rel=1e-5) and abs(params["layer"][t][1] - zero_point) <= 1
 

@@ -212,6 +212,18 @@ def test_scale_rows_folds_a_per_row_factor_exactly():
     np.testing.assert_allclose(qt.scale_rows(factor).dequantize(), qt.dequantize() * factor[:, None], rtol=1e-6)
 
 
+@pytest.mark.parametrize("config", [Q.Int4Config(symmetric=False), Q.Int8Config(group_size=32), Q.Fp8Config()],
+                         ids=["int4-zero-points", "int8-groups", "fp8-tensor-scale"])
+def test_rows_are_the_rows_of_the_dequantized_tensor(config):
+    """A block of output rows (what a consumer dequantizes at a time) means exactly those rows."""
+    qt = Q.quantize(gaussian(10, 64), config)
+    whole = qt.dequantize()
+    for rows in (slice(0, 3), slice(3, 9), slice(9, 10), slice(8, 20)):
+        part = qt.rows(rows)
+        assert part.shape == whole[rows].shape and part.scheme == qt.scheme
+        np.testing.assert_array_equal(part.dequantize(), whole[rows])
+
+
 # ---- fp8 -----------------------------------------------------------------------------------
 
 def test_e4m3fn_decode_table_matches_the_format():

@@ -71,7 +71,8 @@ class GraphWriter:
         (uint8 bit patterns)."""
         self._claim(name)
         array = np.ascontiguousarray(array)
-        raw = array.tobytes() if data_type is None else _packed_bytes(array, data_type)
+        # the array's own buffer, as bytes (no copy: a 1 GiB table is not doubled to be written)
+        raw = array.reshape(-1).view(np.uint8) if data_type is None else _packed_bytes(array, data_type)
         elem_type = helper.np_dtype_to_tensor_dtype(array.dtype) if data_type is None else getattr(TensorProto, data_type)
         align = BIG_ALIGN if len(raw) >= BIG_TENSOR_BYTES else SMALL_ALIGN
         pad = -self._offset % align

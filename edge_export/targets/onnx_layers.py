@@ -21,7 +21,6 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 from onnx import helper
-from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from ..errors import ExportError
 
@@ -64,6 +63,9 @@ class LayerGraph:
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.enable_cpu_mem_arena = False  # sessions held side by side would each keep an arena at its peak
+        # the segment's initializers stay references into the graph's external data, read by
+        # onnxruntime itself: not a protobuf copy plus its serialized bytes before the session's own
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
         for key, value in self.session_config.items():
             options.add_session_config_entry(key, str(value))
         if self.threads:
@@ -74,22 +76,13 @@ class LayerGraph:
         return session
 
     def _segment_model(self, seg: Segment) -> bytes:
-        """The segment as a model of its own: its initializers' bytes read from the external data."""
+        """The segment as a model of its own, reading its initializers from the graph's external data."""
         used = {x for node in seg.nodes for x in node.input}
-        inits = []
-        for tensor in self.model.graph.initializer:
-            if tensor.name in used:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(tensor)
-                if uses_external_data(copy):
-                    load_external_data_for_tensor(copy, str(self.folder))
-                    copy.data_location = onnx.TensorProto.DEFAULT
-                    del copy.external_data[:]
-                inits.append(copy)
+        inits = [t for t in self.model.graph.initializer if t.name in used]
         def value(name: str):
             return helper.make_tensor_value_info(name, self.types.get(name, onnx.TensorProto.FLOAT), None)
-        graph = helper.make_graph(seg.nodes, seg.name, [value(n) for n in seg.inputs], [value(n) for n in seg.outputs],
-                                  inits)
+        graph = helper.make_graph(_gather_before_dequantize(seg.nodes, inits), seg.name,
+                                  [value(n) for n in seg.inputs], [value(n) for n in seg.outputs], inits)
         model = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         return model.SerializeToString()
 
@@ -166,6 +159,35 @@ def _split(model: onnx.ModelProto, keep: set[str], returns: set[str]) -> list[Se
         segments.append(Segment(name, layers[name], [nodes[i] for i in groups[name]], inputs, segment_outputs,
                                 carry, drop))
     return segments
+
+
+def _gather_before_dequantize(nodes: list, initializers: list) -> list:
+    """``Gather(DequantizeLinear(table), ids)`` with a per-tensor scale, as ``DequantizeLinear(
+    Gather(table, ids))``: the same numbers (the dequantization is elementwise), but only the
+    gathered rows are made float, not the whole table (152k x 3.5k: 2 GiB, every run)."""
+    stored = {t.name for t in initializers}
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for x in node.input:
+            readers[x] = readers.get(x, 0) + 1
+    producer = {out: node for node in nodes for out in node.output}
+    scalar = {t.name for t in initializers if not t.dims} | {
+        n.output[0] for n in nodes if n.op_type == "Constant" and not any(
+            a.name == "value" and a.t.dims for a in n.attribute)}
+    swapped, out = set(), []
+    for node in nodes:
+        dq = producer.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0) if dq is not None else None
+        if (dq is not None and dq.op_type == "DequantizeLinear" and axis == 0 and readers[dq.output[0]] == 1
+                and dq.input[0] in stored and all(x in scalar for x in dq.input[1:] if x)):
+            rows = f"{node.output[0]}/codes"
+            out.append(helper.make_node("Gather", [dq.input[0], node.input[1]], [rows], f"{node.name}/codes", axis=0))
+            out.append(helper.make_node("DequantizeLinear", [rows, *dq.input[1:]], list(node.output),
+                                        f"{node.name}/DequantizeLinear"))
+            swapped.add(id(dq))
+        else:
+            out.append(node)
+    return [n for n in out if id(n) not in swapped]
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 PREFILL, DECODE, DATA = "prefill.onnx", "decode.onnx", "prefill.onnx.data"
 OPSET = 23  # RMSNormalization
 CALIBRATION_PROMPTS = 16
+ROW_BLOCK_ELEMENTS = 1 << 24  # weights re-quantized at a time (64 MiB in float32)
 SIMULATED_WEIGHTS_PER_S = 30e6  # onnxruntime-qnn 2.7's HTP simulator, one x86_64 core (SmolLM2: 4.2 s a token)
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -65,26 +66,45 @@ class QLinear:
     block_size: int = 0
     requantized: bool = False
 
+    @staticmethod
+    def joined(parts: list["QLinear"]) -> "QLinear":
+        """Blocks of output channels, in order, as one linear."""
+        first = parts[0]
+        block_scales = None if first.block_scales is None else np.concatenate([p.block_scales for p in parts], 1)
+        return QLinear(np.concatenate([p.codes for p in parts], 1), np.concatenate([p.scales for p in parts]),
+                       first.bits, block_scales, first.block_size, first.requantized)
+
 
 def to_qlinear(value, name: str) -> QLinear:
     """A float32 [N, K] array or a QuantizedTensor -> QLinear. int8 per-row codes are carried as
     they are; anything else (grouped int8, int4 groups, AWQ scales, GGUF blocks) is re-quantized
-    from the weight it stands for: int4 to LPBQ with the tensor's group as the block."""
-    if isinstance(value, np.ndarray):
-        codes, scales = quantize_int8(np.asarray(value, np.float32), value.shape[1], name)
-        return QLinear(codes.T.copy(), scales[:, 0], requantized=True)
-    if getattr(value, "is_float8", False) or value.bits not in (4, 8):
-        raise ExportError(f"tensor {name}: {value.code_type} weights have no QNN HTP form; the qnn variant takes "
-                          "--quant int8 (w8a16) or int4 (w4a16)")
+    from the weight it stands for: int4 to LPBQ with the tensor's group as the block. Every output
+    row is quantized on its own, so this runs ROW_BLOCK_ELEMENTS weights at a time: a 152k x 3.5k
+    head is never whole in float32 (2 GiB, and several temporaries of that size in lpbq)."""
+    if not isinstance(value, np.ndarray):
+        if getattr(value, "is_float8", False) or value.bits not in (4, 8):
+            raise ExportError(f"tensor {name}: {value.code_type} weights have no QNN HTP form; the qnn variant "
+                              "takes --quant int8 (w8a16) or int4 (w4a16)")
+        k = value.shape[1]
+        exact = value.group_size == k and value.zero_points is None and value.residual is None and \
+            value.input_scale is None
+        if value.bits == 8 and exact:
+            return QLinear(value.q.T.copy(), value.scales[:, 0].astype(np.float32))
     n, k = value.shape
-    exact = value.group_size == k and value.zero_points is None and value.residual is None and value.input_scale is None
-    if value.bits == 8 and exact:
-        return QLinear(value.q.T.copy(), value.scales[:, 0].astype(np.float32))
-    w = value.effective_weight()
-    if value.bits == 8:
-        codes, scales = quantize_int8(w, k, name)
-        return QLinear(codes.T.copy(), scales[:, 0], requantized=True)
-    return lpbq(w, value.group_size if value.group_size < k else 0)
+    step = max(1, ROW_BLOCK_ELEMENTS // k)
+    parts = []
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        if isinstance(value, np.ndarray):
+            w, bits = np.asarray(value[rows], np.float32), 8
+        else:
+            w, bits = value.rows(rows).effective_weight(), value.bits
+        if bits == 8:
+            codes, scales = quantize_int8(w, k, name)
+            parts.append(QLinear(codes.T, scales[:, 0], requantized=True))
+        else:
+            parts.append(lpbq(w, value.group_size if value.group_size < k else 0))
+    return QLinear.joined(parts)
 
 
 def lpbq(w: np.ndarray, block: int) -> QLinear:
@@ -158,12 +178,28 @@ class _Builder:
         tensor = next(t for t in reversed(self.g.initializers) if t.name == name)
         return _float_ref(tensor) if floats else _ref(tensor)
 
-    def uint16_const(self, base: str, part: str, values: np.ndarray) -> tuple[str, dict]:
-        """values as a per-tensor uint16 DQ named ``{base}/{part}``; returns (dequantized tensor,
-        weights-table entry)."""
+    def uint16_const(self, base: str, part: str, values) -> tuple[str, dict]:
+        """values (a float array of 1-D or more, or a stored tensor: a QuantizedTensor) as a
+        per-tensor uint16 DQ named ``{base}/{part}``; returns (dequantized tensor, weights-table
+        entry). Read ROW_BLOCK_ELEMENTS at a time, twice (range, then codes): a 152k-row embedding
+        is never whole in float32."""
         name = f"{base.lstrip('/').replace('/', '.')}.{part}"
-        scale, zp = uint16_params(values.min(), values.max())
-        codes = np.clip(np.round(values / scale) + zp, 0, 65535).astype(np.uint16)
+        shape = tuple(values.shape)
+        step = max(1, ROW_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+        blocks = [slice(start, start + step) for start in range(0, shape[0], step)]
+        def floats(rows: slice) -> np.ndarray:
+            if isinstance(values, np.ndarray):
+                return np.asarray(values[rows], np.float32)
+            return values.rows(rows).effective_weight()
+        lo = hi = None
+        for rows in blocks:
+            block = floats(rows)
+            lo = block.min() if lo is None else min(lo, block.min())
+            hi = block.max() if hi is None else max(hi, block.max())
+        scale, zp = uint16_params(lo, hi)
+        codes = np.empty(shape, np.uint16)
+        for rows in blocks:
+            codes[rows] = np.clip(np.round(floats(rows) / scale) + zp, 0, 65535)
         self.g.weight(name, codes)
         out = self.g.node("DequantizeLinear", [name, self.g.const(scale, np.float32), self.g.const(zp, np.uint16)],
                           f"{base}/{part}/DequantizeLinear")
@@ -172,9 +208,12 @@ class _Builder:
 
     def int4_weight(self, name: str, codes: np.ndarray) -> str:
         """codes (int8 values -8..7) stored as ONNX INT4, two a byte, first in the low nibble."""
-        flat = (codes.reshape(-1).astype(np.uint8) & 0x0F)
-        flat = np.pad(flat, (0, flat.size % 2))
-        self.g.weight(name, (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8))
+        flat = np.ascontiguousarray(codes, np.int8).reshape(-1).view(np.uint8)  # the low nibble is the code
+        if flat.size % 2:
+            flat = np.append(flat, np.uint8(0))
+        packed = flat[0::2] & np.uint8(0x0F)
+        packed |= flat[1::2] << np.uint8(4)  # uint8: the high nibble's bits fall off
+        self.g.weight(name, packed)
         tensor = next(t for t in reversed(self.g.initializers) if t.name == name)
         tensor.data_type = TensorProto.INT4
         del tensor.dims[:]
@@ -236,15 +275,17 @@ class _Builder:
         for i in range(s.num_layers):
             for kind in ("key", "value"):
                 g.output(f"present.{i}.{kind}", TensorProto.FLOAT, [1, s.num_kv_heads, self.seq, s.head_dim])
-        head = self._qlinear("embed" if s.tied_embeddings else "lm_head")
+        # a tied head's int8 codes are the embedding table's source; an untied one is quantized at
+        # the end, so its codes are not held while the layers are written
+        head = self._qlinear("embed") if s.tied_embeddings else None
         hidden = self._embedding(head)
         self._rope_inputs()
         for i in range(s.num_layers):
             hidden = self._layer(i, hidden)
             logger.debug("layer %d of %d written", i + 1, s.num_layers)
-        self._head(hidden, head)
+        self._head(hidden, head or self._qlinear("lm_head"))
 
-    def _embedding(self, head: QLinear) -> str:
+    def _embedding(self, head: QLinear | None) -> str:
         """Gather from a per-tensor uint16 table (QNN's Gather keeps one scale); the tied lm_head's
         int8 codes are the table's source and what the weights table points at."""
         s = self.spec
@@ -253,9 +294,8 @@ class _Builder:
             if rows is None:
                 raise ExportError("a tied embedding needs an int8 head for the qnn variant (keep --head int8)")
         else:
-            value = self._get("embed")
-            rows = value if isinstance(value, np.ndarray) else value.effective_weight()
-        table, entry = self.uint16_const("/model/embed_tokens", "table", np.asarray(rows, np.float32))
+            rows = self._get("embed")  # float32, or int8 codes dequantized a block at a time
+        table, entry = self.uint16_const("/model/embed_tokens", "table", rows)
         if not s.tied_embeddings:
             self.table[s.tensor_name("embed")] = entry
         params = (entry["scale"], entry["zero_point"])
