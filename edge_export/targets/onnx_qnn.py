@@ -95,16 +95,20 @@ def to_qlinear(value, name: str) -> QLinear:
     parts = []
     for start in range(0, n, step):
         rows = slice(start, start + step)
-        if isinstance(value, np.ndarray):
-            w, bits = np.asarray(value[rows], np.float32), 8
-        else:
-            w, bits = value.rows(rows).effective_weight(), value.bits
+        w, bits = float_rows(value, rows), 8 if isinstance(value, np.ndarray) else value.bits
         if bits == 8:
             codes, scales = quantize_int8(w, k, name)
             parts.append(QLinear(codes.T, scales[:, 0], requantized=True))
         else:
             parts.append(lpbq(w, value.group_size if value.group_size < k else 0))
     return QLinear.joined(parts)
+
+
+def float_rows(value, rows: slice) -> np.ndarray:
+    """Output rows ``rows`` of a float array or a stored tensor (QuantizedTensor), as float32."""
+    if isinstance(value, np.ndarray):
+        return np.asarray(value[rows], np.float32)
+    return value.rows(rows).effective_weight()
 
 
 def lpbq(w: np.ndarray, block: int) -> QLinear:
@@ -187,19 +191,15 @@ class _Builder:
         shape = tuple(values.shape)
         step = max(1, ROW_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
         blocks = [slice(start, start + step) for start in range(0, shape[0], step)]
-        def floats(rows: slice) -> np.ndarray:
-            if isinstance(values, np.ndarray):
-                return np.asarray(values[rows], np.float32)
-            return values.rows(rows).effective_weight()
         lo = hi = None
         for rows in blocks:
-            block = floats(rows)
+            block = float_rows(values, rows)
             lo = block.min() if lo is None else min(lo, block.min())
             hi = block.max() if hi is None else max(hi, block.max())
         scale, zp = uint16_params(lo, hi)
         codes = np.empty(shape, np.uint16)
         for rows in blocks:
-            codes[rows] = np.clip(np.round(floats(rows) / scale) + zp, 0, 65535)
+            codes[rows] = np.clip(np.round(float_rows(values, rows) / scale) + zp, 0, 65535)
         self.g.weight(name, codes)
         out = self.g.node("DequantizeLinear", [name, self.g.const(scale, np.float32), self.g.const(zp, np.uint16)],
                           f"{base}/{part}/DequantizeLinear")
